@@ -1,0 +1,1 @@
+"""Distillery's stages (one module per DVC stage) and the plumbing they share."""

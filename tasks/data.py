@@ -146,7 +146,7 @@ def load_cifar(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if meta is not None:
         m = safe_unpickle(meta, f"{path}:meta")
         raw = m.get("label_names", m.get("fine_label_names"))
-        if raw is not None and len(raw) == len(classes):
+        if raw is not None and len(raw) >= len(classes):
             classes = [c.decode() if isinstance(c, bytes) else str(c) for c in raw]
     return np.concatenate(xs).astype(np.float32) / 255.0, y, classes
 
@@ -226,3 +226,10 @@ def load_split(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: missing; run the prepare stage first (dvc repro prepare)")
     with np.load(path, allow_pickle=False) as f:
         return f["x"], f["y"]
+
+
+def write_bundled_digits(path: Path | str = "data/raw/digits.npz") -> None:
+    """Export scikit-learn's bundled digits as the project's default raw data file."""
+    x, y, _ = load_digits_bundled()
+    with open(path, "wb") as f:
+        np.savez_compressed(f, x=x[:, 0], y=y)

@@ -92,3 +92,10 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     clean = {k.replace("@", "_"): float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if clean:
         mlflow.log_metrics(clean, step=step)
+
+
+def log_onnx_model(path: Path | str, name: str) -> None:
+    """Log an exported ONNX file as an MLflow model of the active run."""
+    import mlflow
+    import onnx
+    mlflow.onnx.log_model(onnx.load(str(path)), name=name)

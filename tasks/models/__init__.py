@@ -27,4 +27,4 @@ def build_model(spec: dict) -> nn.Module:
     return MODELS[arch](**spec)
 
 
-from tasks.models import resnet, vgg, wrn, toy  # noqa: E402,F401  (registers the models)
+from tasks.models import resnet, vgg, wrn, toy, mmdit, vit  # noqa: E402,F401  (registers the models)

@@ -1,0 +1,45 @@
+# Two entry points: `make run` (the main job on the embedded default) and `make test`.
+# Both create .venv if it is absent and install from the pinned constraints.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export DVC_NO_ANALYTICS := 1
+export PREFECT_HOME ?= $(abspath .prefect)
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: run test install install-dev init clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+# Run-time state that git ignores: the DVC remote folder, MLflow's SQLite store, Prefect's home.
+init: $(VENV)/.installed
+	@[ -d .dvc ] || $(BIN)/dvc init -q
+	@mkdir -p .dvc-remote .prefect .distillery
+	@$(BIN)/python -c "from tasks.tracking import init_mlflow; init_mlflow()"
+
+run: init
+	$(BIN)/distillery run pqd
+	$(BIN)/dvc push -q
+
+test: install-dev
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf .distillery .prefect mlflow.db mlartifacts .dvc-remote

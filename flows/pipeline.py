@@ -1,0 +1,98 @@
+"""The pipeline flow: validate params, then run a recipe's DVC stages in order, one task each.
+
+One MLflow parent run per pipeline run; each executed stage opens a nested run under it
+(its process finds the parent in DISTILLERY_PARENT_RUN_ID). Which stages were executed and
+which were reused is recorded on the parent run and in the flow's return value.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from typing import Iterator
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from flows.dvc_stages import EXECUTED, run_stage, stage_order
+from tasks import tracking
+from tasks.config import load_params
+from tasks.errors import DistilleryError
+
+# Each recipe names the stage(s) it ends with; DVC's graph supplies everything upstream.
+PIPELINES: dict[str, list[str]] = {
+    "pqd": ["evaluate", "benchmark"],
+}
+REPORTS: dict[str, list[str]] = {}  # recipe -> markdown files attached to the Prefect run
+
+
+class RunLocked(DistilleryError):
+    """Another `distillery run` holds this project."""
+
+
+@contextlib.contextmanager
+def project_lock(root: Path) -> Iterator[None]:
+    """One pipeline run per project at a time; a second one stops at once and says why."""
+    path = root / ".distillery" / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunLocked(f"another distillery run is in progress in {root} ({f.read().strip() or 'pid unknown'}); "
+                            "wait for it to finish, then run again") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def mark_orphans_killed(parent_run_id: str) -> None:
+    """A stage killed mid-run cannot close its MLflow run; close it as KILLED from here."""
+    import mlflow
+    client = mlflow.MlflowClient()
+    for run in mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                                "attributes.status = 'RUNNING'", output_format="list"):
+        client.set_terminated(run.info.run_id, status="KILLED")
+
+
+@flow(name="distillery-pipeline", flow_run_name="{recipe}", log_prints=True)
+def pipeline(recipe: str = "pqd", root: str = ".") -> dict[str, str]:
+    """Run one recipe's DVC stages in DVC's order; unchanged stages are skipped, not re-run."""
+    import mlflow
+    logger = get_run_logger()
+    root_path = Path(root).resolve()
+    os.chdir(root_path)
+    load_params(root_path / "params.yaml")
+    stages = stage_order(root_path, PIPELINES[recipe])
+    tracking.init_mlflow(root_path)
+    outcome: dict[str, str] = {}
+    with mlflow.start_run(run_name=recipe, tags={"distillery.kind": "pipeline", "distillery.recipe": recipe,
+                                                 "git.commit": tracking.git_commit(root_path),
+                                                 "prefect.flow_run_id": str(flow_run.get_id())}) as parent:
+        try:
+            for stage in stages:
+                outcome[stage] = run_stage(root_path, stage, parent.info.run_id)
+        finally:
+            mark_orphans_killed(parent.info.run_id)
+            executed = [s for s, o in outcome.items() if o == EXECUTED]
+            reused = [s for s, o in outcome.items() if o != EXECUTED]
+            mlflow.set_tags({"stages.executed": ",".join(executed) or "none", "stages.reused": ",".join(reused) or "none"})
+            mlflow.log_metrics({"stages_executed": len(executed), "stages_reused": len(reused)})
+        for report in REPORTS.get(recipe, []):
+            path = root_path / report
+            if path.exists():
+                create_markdown_artifact(path.read_text(), key=f"{recipe}-{path.stem}".replace("_", "-"),
+                                         description=f"{recipe}: {report}")
+                mlflow.log_artifact(str(path), artifact_path="reports")
+    logger.info("executed: %s; reused: %s", ", ".join(executed) or "none", ", ".join(reused) or "none")
+    if not executed:
+        logger.info("nothing changed since the last run: no stage was re-executed")
+    return outcome

@@ -1,0 +1,115 @@
+"""The one test module that runs Prefect flows: a real DVC repo, real MLflow, real ORT, in tmp_path."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {
+    "prepare": {"image_size": 8},
+    "train": {"arch": "toy", "width": 0.5, "epochs": 2, "patience": 2},
+    "benchmark": {"warmup": 2, "runs": 20, "threads": [1]},
+}
+
+pytestmark = pytest.mark.slow
+
+
+def set_params(project: Path, **sections) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for name, patch in sections.items():
+        params[name].update(patch)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_project(dest: Path) -> Path:
+    """A copy of this project's pipeline (code, dvc.yaml, params, raw data) as its own git + DVC repo."""
+    dest.mkdir()
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, dest / name)
+    for name in ("tasks", "data/raw"):
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    set_params(dest, **TINY)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=dest, check=True, env=env)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(["git", "commit", "-qm", "init"], cwd=dest, check=True, env=env)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, harness):
+    root = make_project(tmp_path_factory.mktemp("proj") / "p")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    cwd = os.getcwd()
+    yield root
+    os.chdir(cwd)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def run(root: Path) -> dict[str, str]:
+    from flows.pipeline import pipeline
+    return pipeline(recipe="pqd", root=str(root))
+
+
+def executed(outcome: dict[str, str]) -> list[str]:
+    return [s for s, o in outcome.items() if o == "executed"]
+
+
+def dvc(root: Path, *args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, check=True, capture_output=True, text=True).stdout
+
+
+def test_first_run_executes_every_stage_and_records_it(project):
+    outcome = run(project)
+    assert executed(outcome) == ["prepare", "train", "export", "evaluate", "benchmark"]
+    assert (project / "models/teacher.fp32.onnx").exists() and (project / "data/prepared/test.npz").exists()
+    assert "up to date" in dvc(project, "status")
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    parent = mlflow.search_runs(experiment_names=["distillery"], filter_string="tags.`distillery.kind` = 'pipeline'",
+                                output_format="list")[0]
+    children = mlflow.search_runs(experiment_names=["distillery"],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", output_format="list")
+    by_stage = {r.data.tags["distillery.stage"]: r for r in children}
+    assert set(by_stage) == set(outcome)
+    bench = by_stage["benchmark"]
+    assert bench.data.metrics["teacher.threads_1.p50_ms"] > 0
+    assert bench.data.tags["dvc.deps.models/teacher.fp32.onnx"] == yaml.safe_load(
+        (project / "dvc.lock").read_text())["stages"]["export"]["outs"][0]["md5"]
+    assert bench.data.tags["git.commit"] != "unknown"
+    assert parent.data.tags["stages.executed"] == ",".join(outcome)
+
+
+def test_second_run_with_nothing_changed_executes_nothing(project):
+    lock = (project / "dvc.lock").read_text()
+    outcome = run(project)
+    assert executed(outcome) == []
+    assert (project / "dvc.lock").read_text() == lock
+
+
+def test_changing_one_benchmark_key_reruns_benchmark_only(project):
+    set_params(project, benchmark={"runs": 30})
+    assert executed(run(project)) == ["benchmark"]
+
+
+def test_plain_dvc_repro_agrees_with_the_flow(project):
+    lock = (project / "dvc.lock").read_text()
+    out = dvc(project, "repro")
+    assert "didn't change, skipping" in out or "up to date" in out
+    assert "Running stage" not in out
+    assert (project / "dvc.lock").read_text() == lock

@@ -23,9 +23,9 @@ from tasks.errors import DistilleryError
 
 # Each recipe names the stage(s) it ends with; DVC's graph supplies everything upstream.
 PIPELINES: dict[str, list[str]] = {
-    "pqd": ["evaluate", "benchmark"],
+    "pqd": ["benchmark"],
 }
-REPORTS: dict[str, list[str]] = {}  # recipe -> markdown files attached to the Prefect run
+REPORTS: dict[str, list[str]] = {"pqd": ["reports/pqd.md"]}  # recipe -> markdown files attached to the Prefect run
 
 
 class RunLocked(DistilleryError):

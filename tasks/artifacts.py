@@ -74,10 +74,21 @@ def load_checkpoint(path: Path | str) -> dict:
 
 
 def load_model(path: Path | str) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a model from a checkpoint and load its weights; returns (model in eval mode, checkpoint)."""
+    """Rebuild a model from a checkpoint and load its weights; returns (model in eval mode, checkpoint).
+
+    Checkpoints of compressed models say how to rebuild them from the teacher's spec:
+    `shapes` (channels left by structured pruning), `qat` + `input_shape` + `masks` (a
+    fake-quantized model, rebuilt by the same deterministic `prepare_qat`).
+    """
     from tasks.models import build_model
     ckpt = load_checkpoint(path)
     model = build_model(ckpt["spec"])
+    if ckpt.get("shapes"):
+        from tasks.compress.pruning import rebuild_pruned
+        rebuild_pruned(model, ckpt["shapes"])
+    if ckpt.get("qat"):
+        from tasks.compress.qat import prepare_qat
+        model = prepare_qat(model, torch.zeros(ckpt["input_shape"]), ckpt.get("masks"))
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:

@@ -1,22 +1,66 @@
-"""Stage `benchmark`: CPU latency of every deployed model, in one process with its baseline.
+"""Stage `benchmark`: CPU latency of every step's deployed model, in one process with the teacher.
 
 ONNX Runtime, batch 1, at each `benchmark.threads` (0 = all cores); p50/p90/p99/mean, size,
-parameters, non-zeros and MACs; the CPU and its INT8 flags. Ratios are to the FP32 teacher.
+parameters, non-zeros and MACs; the CPU and its INT8 flags; ratios to the FP32 teacher. With the
+accuracies from `evaluate`, the recipe's table (`reports/pqd.md`, `.csv`) and its
+accuracy-against-latency plot (`reports/pqd_tradeoff.png`).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from tasks.artifacts import write_json
+import pandas as pd
+
+from tasks.artifacts import atomic_path, write_json, write_text
 from tasks.config import load_section
 from tasks.data import load_split
 from tasks.errors import run_stage
-from tasks.export import DEPLOYED, PREPARED
+from tasks.export import DEPLOYED
 from tasks.latency import benchmark
 from tasks.onnx_export import load_session, onnx_stats
+from tasks.pqd_io import PREPARED
 
 METRICS = Path("metrics/benchmark.json")
+ACCURACY = Path("metrics/evaluate.json")
+REPORT = Path("reports/pqd")
 BASELINE = "teacher"
+
+
+def table(result: dict, accuracy: dict) -> pd.DataFrame:
+    """One row per step: accuracy, size, params, non-zeros, MACs, latency and speed-up."""
+    rows = []
+    for name, r in result["models"].items():
+        row = {"step": name, "file": str(DEPLOYED.get(name, "")), "accuracy_pct": 100 * accuracy[name]["accuracy"],
+               "size_kib": r["size_bytes"] / 1024, "params": r["params"], "nonzero_params": r["nonzero_params"],
+               "mmacs": r["macs"] / 1e6}
+        for key, t in r.items():
+            if key.startswith("threads_"):
+                label = key.removeprefix("threads_")
+                row[f"p50_ms_{label}t"] = t["p50_ms"]
+                row[f"speedup_{label}t"] = t["speedup_p50"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot(df: pd.DataFrame, cpu: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    latency = next(c for c in df.columns if c.startswith("p50_ms_"))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(df[latency], df["accuracy_pct"], "o-", color="tab:blue")
+    for _, r in df.iterrows():
+        ax.annotate(f"{r['step']}\n{r[latency.replace('p50_ms', 'speedup')]:.2f}x", (r[latency], r["accuracy_pct"]),
+                    textcoords="offset points", xytext=(6, -4), fontsize=8)
+    ax.set_xlabel(f"latency p50, batch 1, {latency.removeprefix('p50_ms_').replace('t', '')} thread(s) [ms]")
+    ax.set_ylabel("test accuracy [%] (ONNX Runtime)")
+    ax.set_title(f"Prune -> Quantize -> Distill\n{cpu}", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -25,19 +69,30 @@ def main() -> None:
     x, _ = load_split(PREPARED, "test")
     for path in DEPLOYED.values():
         load_session(path, 1)  # a corrupt model fails here, before minutes of timing
+    accuracy = json.loads(ACCURACY.read_text())
     with tracking.stage_run("benchmark", cfg.model_dump()) as run:
         result = benchmark(DEPLOYED, BASELINE, x, cfg.threads, cfg.warmup, cfg.runs)
         for name, path in DEPLOYED.items():
             result["models"][name].update(onnx_stats(path))
         write_json(METRICS, result)
+        df = table(result, accuracy)
+        cpu = result["cpu"]
+        caption = (f"CPU: {cpu['cpu_model']} ({cpu['cpu_cores']} cores, AVX-512 VNNI {cpu['avx512_vnni']}, "
+                   f"AMX-INT8 {cpu['amx_int8']}), ONNX Runtime {cpu['onnxruntime_version']}, batch 1; "
+                   f"speed-up = teacher p50 / model p50, timed in one process.")
+        write_text(REPORT.with_suffix(".md"), "# Prune -> Quantize -> Distill\n\n"
+                   + df.to_markdown(index=False, floatfmt=".3f") + f"\n\n{caption}\n")
+        with atomic_path(REPORT.with_suffix(".csv")) as tmp:
+            df.to_csv(tmp, index=False)
+        plot(df, cpu["cpu_model"], REPORT.parent / "pqd_tradeoff.png")
         import mlflow
-        mlflow.set_tags({f"cpu.{k}": v for k, v in result["cpu"].items()})
+        mlflow.set_tags({f"cpu.{k}": v for k, v in cpu.items()})
         tracking.log_metrics(result["models"])
-        for name, r in result["models"].items():
-            cols = "  ".join(f"{k.removeprefix('threads_')}T p50 {v['p50_ms']:.3f} ms ({v['speedup_p50']:.2f}x)"
-                             for k, v in r.items() if k.startswith("threads_"))
-            print(f"benchmark: {name:<10} {cols}  {r['size_bytes'] / 1024:.0f} KiB  {r['params']} params  {r['macs'] / 1e6:.1f} MMACs")
-        print(f"benchmark: {result['cpu']['cpu_model']}, ORT {result['cpu']['onnxruntime_version']}")
+        for suffix in (".md", ".csv"):
+            mlflow.log_artifact(str(REPORT.with_suffix(suffix)), artifact_path="reports")
+        mlflow.log_artifact(str(REPORT.parent / "pqd_tradeoff.png"), artifact_path="reports")
+        print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print(caption)
 
 
 if __name__ == "__main__":

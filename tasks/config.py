@@ -59,6 +59,35 @@ class TrainConfig(Section):
         return v
 
 
+class PruneConfig(Section):
+    method: Literal["unstructured", "structured"] = "unstructured"
+    sparsity: float = Field(0.5, ge=0, lt=1)  # unstructured: share of conv/linear weights set to zero
+    ratio: float = Field(0.5, ge=0, lt=1)  # structured: share of channels removed per layer
+    finetune_epochs: int = Field(3, ge=0, le=1000)
+    lr: float = Field(0.01, gt=0, le=10)
+    batch_size: int = Field(64, ge=1, le=4096)
+    seed: int = Field(0, ge=0)
+
+
+class QuantizeConfig(Section):
+    method: Literal["qat", "ptq"] = "qat"  # qat: fake-quant training; ptq: ONNX Runtime static quantization
+    epochs: int = Field(4, ge=0, le=1000)
+    lr: float = Field(0.005, gt=0, le=10)
+    batch_size: int = Field(64, ge=1, le=4096)
+    calibration_size: int = Field(256, ge=1, le=100000)  # train images, a seeded subset, for the ranges
+    freeze_observers_epoch: int = Field(2, ge=0)  # activation ranges stop moving from this epoch on
+    seed: int = Field(0, ge=0)
+
+
+class DistillConfig(Section):
+    epochs: int = Field(4, ge=0, le=1000)
+    lr: float = Field(0.005, gt=0, le=10)
+    batch_size: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(4.0, gt=0, le=100)
+    alpha: float = Field(0.7, ge=0, le=1)  # weight of the KL term; 1 - alpha goes to cross-entropy
+    seed: int = Field(0, ge=0)
+
+
 class ExportConfig(Section):
     opset: int = Field(18, ge=13, le=23)
 
@@ -83,6 +112,9 @@ class BenchmarkConfig(Section):
 SECTIONS: dict[str, type[Section]] = {
     "prepare": PrepareConfig,
     "train": TrainConfig,
+    "prune": PruneConfig,
+    "quantize": QuantizeConfig,
+    "distill": DistillConfig,
     "export": ExportConfig,
     "evaluate": EvaluateConfig,
     "benchmark": BenchmarkConfig,

@@ -9,7 +9,8 @@ from tasks.artifacts import write_json
 from tasks.config import load_section
 from tasks.data import load_split
 from tasks.errors import run_stage
-from tasks.export import DEPLOYED, PREPARED
+from tasks.export import DEPLOYED
+from tasks.pqd_io import PREPARED
 from tasks.onnx_export import run_onnx
 
 METRICS = Path("metrics/evaluate.json")

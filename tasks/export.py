@@ -1,34 +1,73 @@
-"""Stage `export`: every deployed model as ONNX; the teacher's FP32 export is `models/teacher.fp32.onnx`."""
+"""Stage `export`: every step's deployed form as ONNX, each checked in ONNX Runtime.
+
+The teacher and the pruned model as FP32; the quantized and the distilled student as real INT8
+(INT8 weight initialisers, UINT8 activations in QDQ form; or ORT's static quantizer when
+`quantize.method: ptq`). The final student is `models/pqd/student.int8.onnx`; the share of test
+images on which ORT and the PyTorch fake-quant model agree is recorded in `metrics/export.json`.
+"""
 from __future__ import annotations
 
-import json
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from tasks.artifacts import load_model
+from tasks.artifacts import load_model, write_json
 from tasks.config import load_section
 from tasks.errors import run_stage
-from tasks.onnx_export import export_fp32_onnx
+from tasks.onnx_export import export_fp32_onnx, run_onnx
+from tasks.pqd_io import DISTILLED, PRUNED, QUANTIZED, TEACHER, input_shape, load_data
 
-PREPARED = Path("data/prepared")
-TEACHER_CKPT = Path("models/teacher.pt")
-DEPLOYED = {"teacher": Path("models/teacher.fp32.onnx")}  # name -> deployed file, in report order
+DEPLOYED = {  # step -> deployed file, in the order of the recipe
+    "teacher": Path("models/teacher.fp32.onnx"),
+    "pruned": Path("models/pqd/pruned.fp32.onnx"),
+    "quantized": Path("models/pqd/quantized.int8.onnx"),
+    "distilled": Path("models/pqd/student.int8.onnx"),
+}
+SOURCES = {"teacher": TEACHER, "pruned": PRUNED, "quantized": QUANTIZED, "distilled": DISTILLED}
 
 
-def example_input(meta: dict) -> torch.Tensor:
-    return torch.zeros(1, meta["in_channels"], meta["image_size"], meta["image_size"])
+def export_int8(model: torch.nn.Module, ckpt: dict, example: torch.Tensor, path: Path, opset: int) -> Path:
+    """QAT models through our INT8 exporter; PTQ ones as FP32 then ONNX Runtime's static quantizer."""
+    if ckpt.get("qat"):
+        from tasks.compress.qat import export_int8_onnx
+        return export_int8_onnx(model, example, path, opset)
+    from tasks.compress.ptq import quantize_ptq
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_fp32_onnx(model, (example,), Path(tmp) / "fp32.onnx", opset)
+        return quantize_ptq(fp32, path, ckpt["calibration_x"].numpy())
+
+
+def agreement(model: torch.nn.Module, path: Path, x: np.ndarray) -> float:
+    """Share of inputs on which ORT's top-1 equals the PyTorch model's."""
+    with torch.no_grad():
+        expected = torch.cat([model(torch.from_numpy(x[i:i + 256])) for i in range(0, len(x), 256)]).argmax(1).numpy()
+    return float((run_onnx(path, x).argmax(1) == expected).mean())
 
 
 def main() -> None:
     from tasks import tracking
+    from tasks.compress.qat import int8_initializers
     cfg = load_section("export")
-    meta = json.loads((PREPARED / "meta.json").read_text())
+    meta, _, _, (x_test, _) = load_data()
+    example = torch.zeros(input_shape(meta))
     with tracking.stage_run("export", cfg.model_dump()):
-        model, _ = load_model(TEACHER_CKPT)
-        path = export_fp32_onnx(model, (example_input(meta),), DEPLOYED["teacher"], cfg.opset)
-        tracking.log_onnx_model(path, "teacher")
-        print(f"export: teacher -> {path}")
+        record = {}
+        for name, path in DEPLOYED.items():
+            model, ckpt = load_model(SOURCES[name])
+            if name in ("quantized", "distilled"):
+                export_int8(model, ckpt, example, path, cfg.opset)
+                record[name] = {"agreement_with_torch": agreement(model, path, x_test),
+                                "int8_weight_initializers": len(int8_initializers(path))}
+            else:
+                export_fp32_onnx(model, (example,), path, cfg.opset)
+                record[name] = {"agreement_with_torch": agreement(model, path, x_test)}
+            tracking.log_onnx_model(path, name)
+            print(f"export: {name:<10} -> {path}  (ORT agrees with torch on {100 * record[name]['agreement_with_torch']:.2f} %"
+                  f" of test images)")
+        write_json("metrics/export.json", record)
+        tracking.log_metrics(record)
 
 
 if __name__ == "__main__":

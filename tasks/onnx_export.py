@@ -15,7 +15,7 @@ from tasks.errors import ArtifactError
 
 
 @contextlib.contextmanager
-def _quiet_export():
+def quiet_export():
     """The dynamo exporter prints pages of progress; keep the stage logs readable."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -31,7 +31,7 @@ def export_fp32_onnx(model: torch.nn.Module, example_inputs: tuple, path: Path |
                      atol: float = 1e-3) -> Path:
     """Export with the dynamo exporter, check ORT against torch, then move into place."""
     model = model.eval()
-    with atomic_path(path) as tmp, _quiet_export():
+    with atomic_path(path) as tmp, quiet_export():
         torch.onnx.export(model, example_inputs, str(tmp), dynamo=True, opset_version=opset,
                           input_names=["input"], output_names=["output"], external_data=False)
         with torch.no_grad():

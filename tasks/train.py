@@ -6,7 +6,6 @@ keyed by the config and the data so that a stale one is never picked up.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -14,15 +13,15 @@ import pandas as pd
 import torch
 
 from tasks.artifacts import atomic_path, save_checkpoint, write_json
+from tasks.resume import epoch_saver, load_resume, resume_file
 from tasks.config import TrainConfig, load_section
 from tasks.data import load_split
 from tasks.errors import run_stage
 from tasks.models import build_model
-from tasks.training import FitConfig, History, accuracy, fit
+from tasks.training import FitConfig, accuracy, fit
 
 PREPARED = Path("data/prepared")
 TEACHER = Path("models/teacher.pt")
-RESUME_DIR = Path(".distillery/resume")
 
 
 def model_spec(cfg: TrainConfig, meta: dict) -> dict:
@@ -36,36 +35,6 @@ def model_spec(cfg: TrainConfig, meta: dict) -> dict:
 def fit_config(cfg: TrainConfig) -> FitConfig:
     return FitConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                      patience=cfg.patience, seed=cfg.seed)
-
-
-def resume_file(stage: str, cfg: dict, data_key: str) -> Path:
-    """Where a stage keeps its epoch state; the name changes whenever its config or data do."""
-    key = hashlib.sha256((json.dumps(cfg, sort_keys=True) + data_key).encode()).hexdigest()[:16]
-    return RESUME_DIR / f"{stage}-{key}.pt"
-
-
-def epoch_saver(path: Path, mlflow_log: bool = True):
-    """An `on_epoch` callback: persist the resume state atomically and log the epoch's metrics."""
-    from tasks import tracking
-
-    def save(epoch: int, model, state: dict, hist: History) -> None:
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-        if mlflow_log:
-            row = hist.epochs[-1]
-            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-    return save
-
-
-def load_resume(path: Path, enabled: bool) -> dict | None:
-    if not enabled or not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a state file cut short by a crash before its rename cannot exist; anything else: start over
-        return None
-    print(f"resuming from {path} after epoch {len(state['history']) - 1}")
-    return state
 
 
 def main() -> None:

@@ -13,6 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = {
     "prepare": {"image_size": 8},
     "train": {"arch": "toy", "width": 0.5, "epochs": 2, "patience": 2},
+    "prune": {"finetune_epochs": 1},
+    "quantize": {"epochs": 1, "freeze_observers_epoch": 1},
+    "distill": {"epochs": 1},
     "benchmark": {"warmup": 2, "runs": 20, "threads": [1]},
 }
 
@@ -76,8 +79,9 @@ def dvc(root: Path, *args: str) -> str:
 
 def test_first_run_executes_every_stage_and_records_it(project):
     outcome = run(project)
-    assert executed(outcome) == ["prepare", "train", "export", "evaluate", "benchmark"]
-    assert (project / "models/teacher.fp32.onnx").exists() and (project / "data/prepared/test.npz").exists()
+    assert executed(outcome) == ["prepare", "train", "prune", "quantize", "distill", "export", "evaluate", "benchmark"]
+    for path in ("models/teacher.fp32.onnx", "models/pqd/student.int8.onnx", "data/prepared/test.npz", "reports/pqd.md"):
+        assert (project / path).exists(), path
     assert "up to date" in dvc(project, "status")
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])

@@ -4,6 +4,9 @@ import os
 import pytest
 
 os.environ.update({"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1"})
+# Tiny test models gain nothing from a second thread, and two busy processes each spinning two
+# OpenMP threads on a two-core machine slow each other down several-fold.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture

@@ -1,0 +1,103 @@
+"""Side by side, in ONE process, on the same test split: what a user gets from each route to INT8.
+
+1. the FP32 teacher (`models/teacher.fp32.onnx`),
+2. the teacher through ONNX Runtime's `quantize_static` with its defaults (what one does by hand),
+3. our PTQ (ORT static, QDQ, per-channel INT8 weights, UINT8 activations, seeded calibration),
+4. our P->Q->D with unstructured pruning,
+5. our P->Q->D with structured (channel) pruning,
+
+each timed with ONNX Runtime, batch 1, at one thread and all cores, as ratios to the teacher.
+The two P->Q->D students are built here from `models/teacher.pt` with the `prune`, `quantize`
+and `distill` sections of params.yaml (method overridden), by the same functions the stages use.
+
+    python benchmarks/pqd_side_by_side.py            # after `make run`; a few minutes on two cores
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from tasks.artifacts import load_model
+from tasks.compress.ptq import quantize_ort_defaults, quantize_ptq
+from tasks.compress.qat import export_int8_onnx
+from tasks.config import load_section
+from tasks.distill import distill
+from tasks.evaluate import evaluate
+from tasks.latency import benchmark
+from tasks.onnx_export import onnx_stats
+from tasks.pqd_io import TEACHER, calibration_subset, input_shape, load_data
+from tasks.prune import prune
+from tasks.quantize import quantize_aware_train
+from tasks.training import FitConfig, fit
+from tasks.compress.pruning import apply_masks
+
+WORK = Path("benchmarks/work")
+RESULTS = Path("benchmarks/results")
+
+
+def build_pqd(method: str, teacher, meta, train, val, calib_x) -> Path:
+    """Prune (method), QAT, distill from the teacher; export the INT8 student."""
+    example = torch.zeros(input_shape(meta))
+    p_cfg = load_section("prune").model_copy(update={"method": method})
+    q_cfg, d_cfg = load_section("quantize"), load_section("distill")
+    torch.manual_seed(p_cfg.seed)
+    model, mask = prune(teacher, p_cfg, example)
+    if p_cfg.finetune_epochs:
+        fit(model, train, val, FitConfig(epochs=p_cfg.finetune_epochs, lr=p_cfg.lr, batch_size=p_cfg.batch_size,
+                                        patience=p_cfg.finetune_epochs, seed=p_cfg.seed),
+            after_step=(lambda m: apply_masks(m, mask)) if mask else None, desc=f"fine-tune {method}")
+    student = quantize_aware_train(model, mask or {}, q_cfg, train, val, calib_x, example)
+    student, _ = distill(student, teacher, d_cfg, train, val)
+    return export_int8_onnx(student, example, WORK / f"pqd_{method}.int8.onnx")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=500)
+    parser.add_argument("--warmup", type=int, default=50)
+    args = parser.parse_args()
+    if not Path("models/teacher.fp32.onnx").exists():
+        sys.exit("models/teacher.fp32.onnx is missing: run `make run` (or `dvc repro export`) first")
+    meta, train, val, (x_test, y_test) = load_data()
+    teacher, _ = load_model(TEACHER)
+    calib_x, calib_hash = calibration_subset(train[0], load_section("quantize").calibration_size, seed=0)
+    WORK.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "fp32 teacher": Path("models/teacher.fp32.onnx"),
+        "ORT quantize_static defaults": quantize_ort_defaults("models/teacher.fp32.onnx", WORK / "ort_defaults.onnx", calib_x),
+        "our PTQ (per-channel, u8 act)": quantize_ptq("models/teacher.fp32.onnx", WORK / "ptq.onnx", calib_x),
+        "our P->Q->D unstructured": build_pqd("unstructured", teacher, meta, train, val, calib_x),
+        "our P->Q->D structured": build_pqd("structured", teacher, meta, train, val, calib_x),
+    }
+    accuracy = evaluate(paths, x_test, y_test, batch_size=256)
+    timing = benchmark(paths, "fp32 teacher", x_test, [1, 0], args.warmup, args.runs)
+    rows = []
+    for name, path in paths.items():
+        t, stats = timing["models"][name], onnx_stats(path)
+        rows.append({"model": name, "accuracy_pct": 100 * accuracy[name]["accuracy"],
+                     "size_kib": stats["size_bytes"] / 1024, "mmacs": stats["macs"] / 1e6,
+                     "p50_ms_1t": t["threads_1"]["p50_ms"], "speedup_1t": t["threads_1"]["speedup_p50"],
+                     "p50_ms_allt": t["threads_all"]["p50_ms"], "speedup_allt": t["threads_all"]["speedup_p50"]})
+    df = pd.DataFrame(rows)
+    cpu = timing["cpu"]
+    cpu_line = (f"{cpu['cpu_model']}, {cpu['cpu_cores']} cores, AVX-512 VNNI {cpu['avx512_vnni']}, AMX-INT8 "
+                f"{cpu['amx_int8']}, ONNX Runtime {cpu['onnxruntime_version']}")
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"CPU: {cpu_line}; calibration subset sha256 {calib_hash[:16]}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "pqd_side_by_side.json").write_text(json.dumps(
+        {"rows": rows, "cpu": cpu, "cpu_line": cpu_line, "runs": args.runs, "warmup": args.warmup,
+         "calibration_sha256": calib_hash, "params": {s: load_section(s).model_dump() for s in ("prune", "quantize", "distill")}},
+        indent=2) + "\n")
+    (RESULTS / "pqd_side_by_side.md").write_text(
+        "# P->Q->D side by side\n\n" + df.to_markdown(index=False, floatfmt=".3f") + f"\n\nCPU: {cpu_line}. Batch 1; "
+        "speed-up = FP32 teacher p50 / model p50, all timed in one process.\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.dvc_stages import EXECUTED, run_stage, stage_order
+from flows.registry import register_models
 from tasks import tracking
 from tasks.config import load_params
 from tasks.errors import DistilleryError
@@ -26,6 +27,7 @@ PIPELINES: dict[str, list[str]] = {
     "pqd": ["benchmark"],
 }
 REPORTS: dict[str, list[str]] = {"pqd": ["reports/pqd.md"]}  # recipe -> markdown files attached to the Prefect run
+REGISTERED = {"pqd"}  # recipes whose deployed models (tasks.export.DEPLOYED) go to the model registry
 
 
 class RunLocked(DistilleryError):
@@ -76,7 +78,8 @@ def pipeline(recipe: str = "pqd", root: str = ".") -> dict[str, str]:
     outcome: dict[str, str] = {}
     with mlflow.start_run(run_name=recipe, tags={"distillery.kind": "pipeline", "distillery.recipe": recipe,
                                                  "git.commit": tracking.git_commit(root_path),
-                                                 "prefect.flow_run_id": str(flow_run.get_id())}) as parent:
+                                                 "prefect.flow_run_id": str(flow_run.get_id()),
+                                                 **tracking.owner_tags()}) as parent:
         try:
             for stage in stages:
                 outcome[stage] = run_stage(root_path, stage, parent.info.run_id)
@@ -86,6 +89,8 @@ def pipeline(recipe: str = "pqd", root: str = ".") -> dict[str, str]:
             reused = [s for s, o in outcome.items() if o != EXECUTED]
             mlflow.set_tags({"stages.executed": ",".join(executed) or "none", "stages.reused": ",".join(reused) or "none"})
             mlflow.log_metrics({"stages_executed": len(executed), "stages_reused": len(reused)})
+        if recipe in REGISTERED:
+            register_models(recipe, root_path, parent.info.run_id)
         for report in REPORTS.get(recipe, []):
             path = root_path / report
             if path.exists():

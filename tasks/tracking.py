@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -46,7 +47,32 @@ def init_mlflow(root: Path | None = None) -> str:
     else:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
+    close_dead_runs(exp_id)
     return exp_id
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process owns a run, so that a later one can tell a crashed run from a live one."""
+    return {"distillery.host": socket.gethostname(), "distillery.pid": str(os.getpid())}
+
+
+def close_dead_runs(exp_id: str) -> list[str]:
+    """Mark KILLED every RUNNING run whose process on this host is gone (SIGKILL, power loss); returns their ids."""
+    import mlflow
+    closed = []
+    for run in mlflow.search_runs([exp_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                  f"tags.`distillery.host` = '{socket.gethostname()}'", output_format="list"):
+        pid = int(run.data.tags.get("distillery.pid", "0"))
+        try:
+            os.kill(pid, 0)
+            continue  # still alive (or not ours to signal): leave it running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        mlflow.MlflowClient().set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    return closed
 
 
 def git_commit(root: Path | None = None) -> str:
@@ -78,7 +104,7 @@ def stage_run(stage: str, params: dict, recipe: str | None = None) -> Iterator[o
     init_mlflow()
     import mlflow
     parent = os.environ.get(PARENT_ENV) or None
-    tags = {"distillery.stage": stage, "distillery.kind": "stage", "git.commit": git_commit()}
+    tags = {"distillery.stage": stage, "distillery.kind": "stage", "git.commit": git_commit(), **owner_tags()}
     if recipe:
         tags["distillery.recipe"] = recipe
     with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as run:

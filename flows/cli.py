@@ -11,7 +11,7 @@ from tasks.errors import DistilleryError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress PyTorch models for CPU deployment, reproducibly.")
-RECIPES = ("pqd",)
+RECIPES = ("pqd", "ablation", "ppcl")
 
 
 def embedded_defaults(root: Path) -> None:
@@ -20,6 +20,8 @@ def embedded_defaults(root: Path) -> None:
     quiet_telemetry()
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_API_HOST", "127.0.0.1")  # the temporary server stays private
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # 20 s is too short on a busy 2-core box
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 
@@ -34,8 +36,9 @@ def fail(err: Exception, debug: bool) -> None:
 def validate(params: Path = typer.Option(Path("params.yaml"), help="params file to check")) -> None:
     """Check every params.yaml section; print what is wrong, or nothing."""
     from tasks.config import load_params
+    from tasks.prepare import check
     try:
-        load_params(params)
+        check(load_params(params)["prepare"])
     except DistilleryError as err:
         fail(err, debug=False)
     typer.echo(f"{params}: ok")
@@ -52,7 +55,9 @@ def run(recipe: str = typer.Argument(..., help=f"one of: {', '.join(RECIPES)}"),
     try:
         if recipe not in RECIPES:
             raise DistilleryError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
-        load_params(root / "params.yaml")  # before Prefect's start-up: bad params cost no time
+        configs = load_params(root / "params.yaml")  # before Prefect's start-up: bad params cost no time
+        from tasks.prepare import check
+        check(configs["prepare"])  # the raw data's headers and labels, before any stage runs
     except DistilleryError as err:
         fail(err, debug)
     embedded_defaults(root)
@@ -61,7 +66,11 @@ def run(recipe: str = typer.Argument(..., help=f"one of: {', '.join(RECIPES)}"),
     from flows.pipeline import pipeline, project_lock
     try:
         with project_lock(root):
-            state = pipeline(recipe=recipe, root=str(root), return_state=True)
+            if recipe == "ablation":  # the six orders side by side, concurrently (flows/ablation.py)
+                from flows.ablation import ablation_flow
+                state = ablation_flow()(root=str(root), return_state=True)
+            else:
+                state = pipeline(recipe=recipe, root=str(root), return_state=True)
     except DistilleryError as err:
         fail(err, debug)
     if not state.is_completed():
@@ -71,6 +80,102 @@ def run(recipe: str = typer.Argument(..., help=f"one of: {', '.join(RECIPES)}"),
     executed = [s for s, o in outcome.items() if o == "executed"]
     typer.echo(f"{recipe}: executed {', '.join(executed) or 'nothing (all stages unchanged)'}; "
                f"reused {', '.join(s for s in outcome if s not in executed) or 'none'}")
+
+
+ROOT_HELP = "project folder (holds dvc.yaml and dvc.lock)"
+
+
+@app.command()
+def lineage(target: str = typer.Argument(..., help="a project path, or a registered model: models:/name/3, "
+                                                   "models:/name@champion, or a model name"),
+            as_json: bool = typer.Option(False, "--json", help="print the lineage graph as JSON"),
+            root: Path = typer.Option(Path("."), help=ROOT_HELP),
+            debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
+    """Print what produced an artifact: md5, stage, params, code and data deps down to the raw data, MLflow run, git commit."""
+    from flows.lineage import lineage as trace_lineage, render, to_json
+    try:
+        graph = trace_lineage(root.resolve(), target)
+    except DistilleryError as err:
+        fail(err, debug)
+    typer.echo(to_json(graph) if as_json else render(graph))
+
+
+@app.command()
+def verify(target: str = typer.Argument(None, help="a path or registered model; default: everything in dvc.lock"),
+           root: Path = typer.Option(Path("."), help=ROOT_HELP),
+           debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
+    """Re-hash every artifact in a lineage chain; exit 1 naming each file that is missing or differs from dvc.lock."""
+    from flows.lineage import verify as verify_chain
+    try:
+        checked, problems = verify_chain(root.resolve(), target)
+    except DistilleryError as err:
+        fail(err, debug)
+    for problem in problems:
+        typer.secho(f"FAILED {problem}", err=True, fg=typer.colors.RED)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"ok: {checked} artifacts match dvc.lock")
+
+
+@app.command()
+def register(recipe: str = typer.Argument(..., help=f"one of: {', '.join(RECIPES)}"),
+             root: Path = typer.Option(Path("."), help=ROOT_HELP),
+             parent_run_id: str = typer.Option(None, help="the pipeline's MLflow run the registration belongs to"),
+             debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
+    """Register the recipe's deployed models in MLflow's registry with lineage tags; move `champion` by its rule."""
+    from flows.registry import CHAMPION_RULE, register_models
+    try:
+        done = register_models(recipe, root.resolve(), parent_run_id)
+    except DistilleryError as err:
+        fail(err, debug)
+    for model, version in done.versions.items():
+        typer.echo(f"{done.registered_model} v{version}: {model}" + ("  <- champion" if model == done.champion else ""))
+    typer.echo(f"champion rule: {CHAMPION_RULE}")
+
+
+@app.command()
+def report(root: Path = typer.Option(Path("."), help=ROOT_HELP),
+           out: Path = typer.Option(Path("reports"), help="folder for summary.md, summary.csv, summary.png"),
+           debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
+    """Every model of every run in MLflow: a table (markdown, CSV) and accuracy against latency with its Pareto front."""
+    from flows.report import write_report
+    try:
+        paths = write_report(root.resolve(), out)
+    except DistilleryError as err:
+        fail(err, debug)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@app.command()
+def deploy(root: Path = typer.Option(Path("."), help=ROOT_HELP),
+           schedules: Path = typer.Option(Path("schedules.yaml"), help="cron schedule per recipe"),
+           debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
+    """Register each recipe as a scheduled Prefect deployment on a process work pool (server in PREFECT_API_URL)."""
+    root = root.resolve()
+    embedded_defaults(root)
+    from flows.deploy import deploy as deploy_all, load_schedules
+    try:
+        config = load_schedules(root / schedules)
+        deploy_all(config, root)
+    except DistilleryError as err:
+        fail(err, debug)
+    typer.echo(f"deployed {', '.join(config.pipelines)} on work pool {config.work_pool!r}; run them with "
+               f"`prefect worker start --pool {config.work_pool}` (or use `distillery serve` instead)")
+
+
+@app.command()
+def serve(root: Path = typer.Option(Path("."), help=ROOT_HELP),
+          schedules: Path = typer.Option(Path("schedules.yaml"), help="cron schedule per recipe"),
+          debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
+    """Serve every recipe's scheduled deployment from this one process until stopped (server in PREFECT_API_URL)."""
+    root = root.resolve()
+    os.chdir(root)
+    embedded_defaults(root)
+    from flows.deploy import load_schedules, serve as serve_all
+    try:
+        serve_all(load_schedules(root / schedules), root)
+    except DistilleryError as err:
+        fail(err, debug)
 
 
 def main() -> None:

@@ -25,8 +25,10 @@ from tasks.errors import DistilleryError
 # Each recipe names the stage(s) it ends with; DVC's graph supplies everything upstream.
 PIPELINES: dict[str, list[str]] = {
     "pqd": ["benchmark"],
+    "ppcl": ["menu"],
 }
 REPORTS: dict[str, list[str]] = {"pqd": ["reports/pqd.md"]}  # recipe -> markdown files attached to the Prefect run
+REPORTS["ppcl"] = ["reports/ppcl_menu.md"]
 REGISTERED = {"pqd"}  # recipes whose deployed models (tasks.export.DEPLOYED) go to the model registry
 
 

@@ -54,8 +54,8 @@ def write_npz(path: Path | str, **arrays: np.ndarray) -> None:
 
 def save_checkpoint(path: Path | str, model: torch.nn.Module, spec: dict, **extra) -> None:
     """A checkpoint is {"spec": how to rebuild the model, "state_dict": weights, **extra}."""
-    with atomic_path(path) as tmp:
-        torch.save({"spec": spec, "state_dict": model.state_dict(), **extra}, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: torch would name the archive after the random temp name
+        torch.save({"spec": spec, "state_dict": model.state_dict(), **extra}, f)
 
 
 def load_checkpoint(path: Path | str) -> dict:

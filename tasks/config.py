@@ -11,7 +11,7 @@ from typing import Literal
 
 import yaml
 from tasks.errors import ParamsError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -19,6 +19,14 @@ PARAMS_FILE = Path("params.yaml")
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+SOURCE_PATHS = {  # what prepare.path must be for each source
+    "npz": "a .npz file with arrays 'x' and 'y'",
+    "imagefolder": "a folder with one sub-folder per class",
+    "cifar": "a cifar-*-python.tar.gz file or its extracted folder",
+    "idx": "a folder of *-images-idx3-ubyte / *-labels-idx1-ubyte pairs",
+}
 
 
 class PrepareConfig(Section):
@@ -36,6 +44,20 @@ class PrepareConfig(Section):
         if v is not None and not Path(v).exists():
             raise ValueError(f"path does not exist: {v!r}; give an existing file or folder")
         return v
+
+    @model_validator(mode="after")
+    def _path_fits_source(self) -> "PrepareConfig":
+        if self.source == "digits":
+            return self
+        if self.path is None:
+            raise ValueError(f"prepare.path is required when prepare.source = {self.source!r}; "
+                             f"give the {SOURCE_PATHS[self.source]}")
+        is_dir = Path(self.path).is_dir()
+        wants_dir = {"npz": False, "imagefolder": True, "idx": True}.get(self.source, is_dir)  # cifar: either
+        if is_dir != wants_dir:
+            raise ValueError(f"prepare.path = {self.path!r} is a {'folder' if is_dir else 'file'}, but prepare.source = "
+                             f"{self.source!r} needs {SOURCE_PATHS[self.source]}")
+        return self
 
 
 class TrainConfig(Section):
@@ -109,6 +131,150 @@ class BenchmarkConfig(Section):
         return v
 
 
+ABLATION_ORDERS = ("pqd", "pdq", "qpd", "qdp", "dpq", "dqp")  # p = prune, q = quantize (QAT), d = distill
+ABLATION_STEP_KEYS = ("sparsity", "prune_epochs", "qat_epochs", "kd_epochs", "prune_lr", "qat_lr", "kd_lr",
+                      "batch_size", "temperature", "alpha", "calibration_size", "freeze_observers_epoch", "seeds")
+
+
+class AblationConfig(Section):
+    """The order ablation: one chain per order, same teacher, same epoch budget (paper: 20 / 40 / 40)."""
+    sparsity: float = Field(0.5, ge=0, lt=1)  # unstructured, global magnitude
+    prune_epochs: int = Field(1, ge=0, le=1000)  # fine-tune after pruning
+    qat_epochs: int = Field(2, ge=0, le=1000)
+    kd_epochs: int = Field(2, ge=0, le=1000)
+    prune_lr: float = Field(0.01, gt=0, le=10)
+    qat_lr: float = Field(0.005, gt=0, le=10)
+    kd_lr: float = Field(0.005, gt=0, le=10)
+    batch_size: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(4.0, gt=0, le=100)
+    alpha: float = Field(0.7, ge=0, le=1)
+    calibration_size: int = Field(256, ge=1, le=100000)
+    freeze_observers_epoch: int = Field(1, ge=0)  # QAT epoch from which activation ranges stay put
+    seeds: int = Field(2, ge=1, le=100)  # seeds 0..seeds-1 per order; the table gives mean and spread
+    warmup: int = Field(50, ge=0, le=10000)  # report: ORT latency at one thread, interleaved with the teacher
+    runs: int = Field(300, ge=10, le=100000)
+    orders: dict[str, dict] = Field(default_factory=lambda: {o: {} for o in ABLATION_ORDERS})  # order -> overrides
+
+    @field_validator("orders")
+    @classmethod
+    def _orders(cls, v: dict[str, dict]) -> dict[str, dict]:
+        if not v:
+            raise ValueError(f"name at least one order of: {', '.join(ABLATION_ORDERS)}")
+        for order, overrides in v.items():
+            if order not in ABLATION_ORDERS:
+                raise ValueError(f"unknown order {order!r}; allowed: {', '.join(ABLATION_ORDERS)}")
+            if not isinstance(overrides, dict):
+                raise ValueError(f"orders.{order} must be a mapping of overrides ({{}} for none), got {overrides!r}")
+            bad = sorted(set(overrides) - set(ABLATION_STEP_KEYS))
+            if bad:
+                raise ValueError(f"orders.{order}: unknown override(s) {bad}; allowed: {', '.join(ABLATION_STEP_KEYS)}")
+            try:
+                cls.model_validate({k: val for k, val in overrides.items()})
+            except ValidationError as err:
+                raise ValueError(f"orders.{order}: {err.errors()[0]['loc'][0]} = "
+                                 f"{overrides.get(err.errors()[0]['loc'][0])!r}: {err.errors()[0]['msg']}") from None
+        return v
+
+    def for_order(self, order: str) -> "AblationConfig":
+        """This config with the order's own overrides applied."""
+        if order not in self.orders:
+            raise ParamsError(f"ablation.orders has no order {order!r}; it has: {', '.join(self.orders)}")
+        return type(self).model_validate({**self.model_dump(), **self.orders[order]})
+
+
+
+class PpclTeacherConfig(Section):
+    """PPCL's teacher: a caption-conditioned MMDiT trained by flow matching on the prepared digits."""
+    width: float = Field(1.0, gt=0, le=16)  # hidden size 64 * width
+    depth: int = Field(12, ge=2, le=64)  # joint blocks
+    steps: int = Field(1500, ge=1, le=1000000)  # 800 is not enough for ~0.99 adherence
+    lr: float = Field(1e-3, gt=0, le=10)
+    batch_size: int = Field(64, ge=1, le=4096)
+    ema_decay: float = Field(0.998, ge=0, lt=1)
+    caption_dropout: float = Field(0.1, ge=0, lt=1)  # empty captions, for classifier-free guidance
+    sample_steps: int = Field(10, ge=1, le=1000)  # Euler steps of the sample grid and quality metrics
+    guidance: float = Field(2.0, ge=1, le=20)
+    prompts_per_digit: int = Field(10, ge=1, le=1000)
+    seed: int = Field(0, ge=0)
+
+
+class PpclProbeConfig(Section):
+    """PPCL step 1: residual linear probes per block, fitted on calibration activations."""
+    calibration_size: int = Field(256, ge=8, le=100000)  # noisy inputs (x_t, t, caption) from train
+    ridge: float = Field(1e-3, ge=0, le=10)
+    finetune_steps: int = Field(0, ge=0, le=100000)
+    lr: float = Field(1e-3, gt=0, le=10)
+    seed: int = Field(1, ge=0)
+
+
+class IntervalsConfig(Section):
+    """PPCL step 2: cka(u, k), the Delta rule's contiguous intervals and the variants' selections."""
+    ratios: list[float] = Field(default_factory=lambda: [0.25, 0.4, 0.5])  # shares of blocks removed, one variant each
+    min_len: int = Field(2, ge=2, le=64)
+    max_len: int = Field(4, ge=2, le=64)  # longest interval one student replaces
+    cka_threshold: float = Field(0.95, gt=0, le=1)  # the ablation's selector: longest run keeping cka >= threshold
+    ablation_ratio: float = Field(0.5, gt=0, lt=1)  # the ablation removes as many blocks as the PPCL variant at this ratio
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < r < 1 for r in v):
+            raise ValueError("ratios must be a non-empty list of shares in (0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _ablation_in_ratios(self) -> "IntervalsConfig":
+        if self.ablation_ratio not in self.ratios:
+            raise ValueError(f"ablation_ratio {self.ablation_ratio} must be one of ratios {self.ratios}")
+        if self.max_len < self.min_len:
+            raise ValueError(f"max_len {self.max_len} is below min_len {self.min_len}")
+        return self
+
+
+class DepthDistillConfig(Section):
+    """PPCL step 3: one student block per interval, trained independently (concurrently) on teacher activations."""
+    data_size: int = Field(2048, ge=8, le=1000000)  # noisy inputs the teacher is traced on
+    steps: int = Field(300, ge=0, le=1000000)
+    lr: float = Field(3e-4, gt=0, le=10)
+    batch_size: int = Field(128, ge=1, le=65536)
+    loss: Literal["normalized_mse", "normalized_l1", "mse"] = "normalized_mse"
+    workers: int = Field(0, ge=0, le=256)  # processes training intervals at once; 0 = all cores
+    sequential: bool = True  # also the sequential students of the ablation's intervals
+    seed: int = Field(2, ge=0)
+
+
+class WidthPruneConfig(Section):
+    """PPCL step 4: residual linear projectors for the FFNs / text MLPs that are most nearly linear."""
+    base_ratio: float = Field(0.25, ge=0, lt=1)  # the depth variant (an intervals.ratios entry) pruned in width; 0 = teacher
+    ffn: int = Field(2, ge=0, le=64)  # image FFNs replaced (lowest linear replacement error)
+    text_mlp: int = Field(3, ge=0, le=64)  # text-stream MLPs replaced
+    data_size: int = Field(1024, ge=8, le=1000000)
+    ridge: float = Field(1e-3, ge=0, le=10)
+    steps: int = Field(150, ge=0, le=1000000)  # 0 keeps the least-squares projectors
+    lr: float = Field(3e-4, gt=0, le=10)
+    batch_size: int = Field(128, ge=1, le=65536)
+    seed: int = Field(3, ge=0)
+
+
+class MenuConfig(Section):
+    """PPCL's menu: variants assembled from the trained students, exported, timed and scored."""
+    sample_steps: int = Field(10, ge=1, le=1000)
+    guidance: float = Field(2.0, ge=1, le=20)
+    prompts_per_digit: int = Field(20, ge=1, le=1000)
+    seed: int = Field(0, ge=0)
+    opset: int = Field(18, ge=13, le=23)
+    warmup: int = Field(30, ge=0, le=10000)
+    runs: int = Field(300, ge=10, le=100000)
+    threads: list[int] = Field(default_factory=lambda: [1, 0])  # 0 means all cores
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: list[int]) -> list[int]:
+        if not v or any(t < 0 for t in v):
+            raise ValueError("threads must be a non-empty list of counts >= 0 (0 = all cores)")
+        return v
+
+
 SECTIONS: dict[str, type[Section]] = {
     "prepare": PrepareConfig,
     "train": TrainConfig,
@@ -118,6 +284,13 @@ SECTIONS: dict[str, type[Section]] = {
     "export": ExportConfig,
     "evaluate": EvaluateConfig,
     "benchmark": BenchmarkConfig,
+    "ablation": AblationConfig,
+    "ppcl_teacher": PpclTeacherConfig,
+    "probe": PpclProbeConfig,
+    "intervals": IntervalsConfig,
+    "depth_distill": DepthDistillConfig,
+    "width_prune": WidthPruneConfig,
+    "menu": MenuConfig,
 }
 
 
@@ -144,8 +317,11 @@ def _describe(err: ValidationError, section: str, raw: dict, path: Path) -> str:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             lines.append(f"{path}: unknown key {key}{hint}; allowed keys: {allowed}")
             continue
-        value = raw.get(e["loc"][0], "<missing>") if e["loc"] else raw
         msg = e["msg"].removeprefix("Value error, ")
+        if not e["loc"]:  # a check across keys names them in its message
+            lines.append(f"{path}: {msg}")
+            continue
+        value = raw.get(e["loc"][0], "<missing>")
         lines.append(f"{path}: {key} = {value!r}: {msg}")
     return "\n".join(lines)
 

@@ -46,6 +46,8 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
         raise DataError(f"{path}: 'x' has shape {x.shape}; expected (N,H,W), (N,H,W,C) or (N,C,H,W) images")
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
         raise DataError(f"{path}: 'y' must be a 1-D integer label array, got {y.dtype} {y.shape}")
+    if len(y) != len(x):
+        raise DataError(f"{path}: 'x' holds {len(x)} images but 'y' {len(y)} labels; give one label per image")
     x = x.astype(np.float32)
     if x.max(initial=0) > 1.0:
         x = x / 255.0 if x.max() <= 255 else x / x.max()
@@ -233,3 +235,101 @@ def write_bundled_digits(path: Path | str = "data/raw/digits.npz") -> None:
     x, y, _ = load_digits_bundled()
     with open(path, "wb") as f:
         np.savez_compressed(f, x=x[:, 0], y=y)
+
+
+def _npy_header(zf, name: str, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one array in an NPZ, read from its header without loading the data."""
+    try:
+        with zf.open(f"{name}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"{path}: array {name!r} is unreadable ({err}); save the file with numpy.savez(path, x=..., y=...)") from None
+    return shape, dtype
+
+
+def _check_labels(y: np.ndarray, n_images: int, classes: list[str] | None, where: str) -> None:
+    if n_images == 0 or len(y) == 0:
+        raise DataError(f"{where}: the data set is empty (0 images); it needs images of at least 2 classes")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{where}: labels must be a 1-D integer array, got {y.dtype} {y.shape}")
+    if len(y) != n_images:
+        raise DataError(f"{where}: {n_images} images but {len(y)} labels; give one label per image")
+    if y.min() < 0:
+        raise DataError(f"{where}: label {int(y.min())} is negative; labels must be 0..n_classes-1")
+    if classes is not None and y.max() >= len(classes):
+        raise DataError(f"{where}: label {int(y.max())} is out of range for {len(classes)} classes {classes[:5]}; "
+                        f"labels must be 0..{len(classes) - 1}")
+    if len(np.unique(y)) < 2:
+        raise DataError(f"{where}: only 1 class in the labels ({int(y[0])}); a classifier needs at least 2")
+
+
+def check_source(source: str, path: str | None) -> None:
+    """The fast check before a run: headers, shapes and labels of the raw data, images not decoded; writes nothing."""
+    import zipfile
+    if source == "digits":
+        return
+    p = Path(path)
+    if source == "npz":
+        try:
+            zf = zipfile.ZipFile(p)
+        except (OSError, zipfile.BadZipFile) as err:
+            raise DataError(f"{p}: not a readable NPZ file ({err}); save one with numpy.savez(path, x=..., y=...)") from None
+        with zf:
+            names = {n.removesuffix(".npy") for n in zf.namelist()}
+            missing = {"x", "y"} - names
+            if missing:
+                raise DataError(f"{p}: NPZ lacks array(s) {sorted(missing)}; it needs 'x' (images) and 'y' (labels)")
+            shape, dtype = _npy_header(zf, "x", p)
+            if len(shape) not in (3, 4) or not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+                raise DataError(f"{p}: 'x' has shape {shape} and dtype {dtype}; expected numeric images "
+                                "(N,H,W), (N,H,W,C) or (N,C,H,W)")
+        try:
+            with np.load(p, allow_pickle=False) as f:
+                y = f["y"]
+                classes = [str(c) for c in f["classes"]] if "classes" in f.files else None
+        except (OSError, ValueError, EOFError) as err:
+            raise DataError(f"{p}: 'y' is unreadable ({err}); labels must be a 1-D integer array") from None
+        _check_labels(y, shape[0], classes, str(p))
+    elif source == "imagefolder":
+        from PIL import Image, UnidentifiedImageError
+        classes = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if len(classes) < 2:
+            raise DataError(f"{p}: {len(classes)} class sub-folder(s); an image folder needs one sub-folder per class, at least 2")
+        sizes = set()
+        for d in classes:
+            images = [f for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+            if not images:
+                raise DataError(f"{d}: class folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            for f in images:
+                try:
+                    with Image.open(f) as im:  # reads the header only
+                        sizes.add(im.size)
+                except (UnidentifiedImageError, OSError) as err:
+                    raise DataError(f"{f}: not a readable image ({err})") from None
+        if len(sizes) > 1:
+            raise DataError(f"{p}: images differ in size {sorted(sizes)[:3]}; make them one size")
+    elif source == "idx":
+        images = sorted(f for f in p.iterdir() if "images" in f.name and "idx3" in f.name)
+        if not images:
+            raise DataError(f"{p}: no '*images-idx3-ubyte' files; an IDX folder holds image/label file pairs")
+        for img in images:
+            lbl = p / img.name.replace("images-idx3", "labels-idx1")
+            if not lbl.exists():
+                raise DataError(f"{img}: its labels file {lbl.name} is missing")
+            x, y = _read_idx(img), _read_idx(lbl)
+            if x.ndim != 3:
+                raise DataError(f"{img}: images have shape {x.shape}; IDX images are (N,H,W)")
+            _check_labels(y.astype(np.int64), len(x), None, str(lbl))
+    elif source == "cifar":
+        if p.is_dir():
+            names = {f.name for f in p.rglob("*") if f.is_file()}
+        else:
+            try:
+                with tarfile.open(p) as tar:
+                    names = {Path(m.name).name for m in tar.getmembers() if m.isfile()}
+            except (tarfile.TarError, OSError, EOFError) as err:
+                raise DataError(f"{p}: not a readable CIFAR tarball ({err}); give cifar-10-python.tar.gz or its extracted folder") from None
+        if not any(n.startswith("data_batch") or n in ("test_batch", "train", "test") for n in names):
+            raise DataError(f"{p}: no CIFAR batches (data_batch_*, test_batch, or train/test for CIFAR-100)")

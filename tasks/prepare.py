@@ -12,7 +12,7 @@ import numpy as np
 from tasks.artifacts import write_json, write_npz
 from tasks.config import PrepareConfig, load_section
 from tasks.errors import DataError, run_stage
-from tasks.data import load_source, stratified_split
+from tasks.data import check_source, load_source, stratified_split
 
 OUT = Path("data/prepared")
 
@@ -44,6 +44,11 @@ def prepare(cfg: PrepareConfig) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]
             "image_size": cfg.image_size, "mean": mean.tolist(), "std": std.tolist(),
             "counts": {name: int(len(i)) for name, i in idx.items()}, "source": cfg.source}
     return splits, meta
+
+
+def check(cfg: PrepareConfig) -> None:
+    """Before a run: the raw data opens, is not empty, has image-shaped x and labels that fit; nothing is written."""
+    check_source(cfg.source, cfg.path)
 
 
 def main() -> None:

@@ -1,0 +1,146 @@
+"""Stage `intervals`: PPCL step 2, which contiguous runs of blocks one student each replaces.
+
+From the probes and their calibration inputs: the table cka(u, k) (teacher with blocks u+1..k
+replaced by their probes, against the teacher's final hidden output), Delta(u, k), the paper's
+disjoint contiguous intervals, every start's candidate interval, and the disjoint selection of
+candidates for each `intervals.ratios` share of blocks removed. Beside them the baseline selectors
+(block influence, angular distance, CKA threshold); the CKA-threshold selection at the same number
+of blocks removed as the `ablation_ratio` variant is the ablation's. Writes
+`reports/ppcl_intervals.json` and `reports/ppcl_cka.png` (cka curves per start u, chosen intervals).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from tasks.artifacts import atomic_path, write_json
+from tasks.config import load_section
+from tasks.errors import run_stage
+from tasks.ppcl_io import INTERVALS, PROBES, TEACHER, load_mmdit, load_probe_file
+
+PLOT = "reports/ppcl_cka.png"
+
+
+def ratio_key(ratio: float) -> str:
+    return f"{ratio:g}"
+
+
+def variant_name(ratio: float) -> str:
+    return f"ppcl{round(100 * ratio)}"
+
+
+def rebuild_probes(ckpt: dict, dim: int):
+    from tasks.models.mmdit import ResidualLinear
+    from tasks.ppcl.adapter import StreamwiseBlock
+    probes = []
+    for state in ckpt["probes"]:
+        block = StreamwiseBlock([ResidualLinear(dim) for _ in ckpt["streams"]], uses_cond=True)
+        block.load_state_dict(state)
+        probes.append(block.eval())
+    return probes
+
+
+def _clean(a: np.ndarray) -> list:
+    return [[None if not math.isfinite(v) else float(v) for v in row] for row in np.asarray(a, dtype=float)]
+
+
+def n_removed(intervals, student: bool = True) -> int:
+    from tasks.ppcl.intervals import removed
+    return sum(removed(tuple(iv), student) for iv in intervals)
+
+
+def choose(table: np.ndarray, trace, adapter, cfg) -> dict:
+    """Every selection the menu and the report need, from the cka table (pure)."""
+    from tasks.ppcl.intervals import (angular_candidates, bi_candidates, block_influence, contiguous_intervals,
+                                      delta, pcl_candidates, select_intervals, threshold_intervals)
+    n = table.shape[0] - 1
+    cands = pcl_candidates(table, cfg.min_len, cfg.max_len)
+    selected = {ratio_key(r): [list(iv) for iv in select_intervals(cands, n, r)] for r in cfg.ratios}
+    target = n_removed(selected[ratio_key(cfg.ablation_ratio)])
+    thr = threshold_intervals(table, cfg.cka_threshold, cfg.min_len, cfg.max_len)
+    ablation = [list(iv) for iv in select_intervals(thr, n, target / n)] if thr else []
+    bi = block_influence(trace, adapter)
+    students = sorted({tuple(iv) for s in selected.values() for iv in s})
+    return {
+        "n_blocks": n,
+        "table": _clean(table),
+        "delta": _clean(delta(table)),
+        "intervals": [list(iv) for iv in contiguous_intervals(table, cfg.min_len, cfg.max_len)],
+        "candidates": [{"u": c.u, "v": c.v, "cost": c.cost} for c in cands],
+        "selected": selected,
+        "removed": {k: n_removed(v) for k, v in selected.items()},
+        "variants": {variant_name(r): ratio_key(r) for r in cfg.ratios},
+        "students": [list(iv) for iv in students],
+        "ablation": {"selector": f"cka_threshold {cfg.cka_threshold:g}", "distillation": "sequential",
+                     "ratio": cfg.ablation_ratio, "intervals": ablation, "removed": n_removed(ablation),
+                     "target_removed": target},
+        "baselines": {
+            "block_influence": [float(b) for b in bi],
+            "block_influence_drop": {ratio_key(r): [list(iv) for iv in select_intervals(bi_candidates(trace, adapter), n, r,
+                                                                                       student=False)]
+                                     for r in cfg.ratios},
+            "angular_distance": {str(k): [{"u": c.u, "v": c.v, "cost": c.cost} for c in angular_candidates(trace, adapter, k)]
+                                 for k in range(cfg.min_len, min(cfg.max_len, n) + 1)},
+            "cka_threshold": [{"u": c.u, "v": c.v, "cost": c.cost} for c in thr],
+        },
+    }
+
+
+def plot(table: np.ndarray, chosen: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = table.shape[0] - 1
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    cmap = plt.get_cmap("viridis")
+    for u in range(n):
+        ks = np.arange(u, n + 1)
+        axes[0].plot(ks, table[u, u:], "o-", ms=3, color=cmap(u / max(1, n - 1)), label=f"u={u}")
+    axes[0].set_xlabel("k (blocks u+1..k replaced by probes)")
+    axes[0].set_ylabel("cka(u, k) with the teacher's output")
+    axes[0].legend(fontsize=6, ncol=2)
+    axes[0].grid(alpha=0.3)
+    rows = list(chosen["selected"].items()) + [("ablation", chosen["ablation"]["intervals"])]
+    for y, (name, ivs) in enumerate(rows):
+        for u, v in ivs:
+            axes[1].barh(y, v - u, left=u, color="tab:orange" if name == "ablation" else "tab:blue", edgecolor="k")
+    axes[1].set_yticks(range(len(rows)), [f"{k} ({chosen['removed'].get(k, chosen['ablation']['removed'])} removed)"
+                                          if k != "ablation" else f"ablation ({chosen['ablation']['removed']} removed)"
+                                          for k, _ in rows])
+    axes[1].set_xlim(0, n)
+    axes[1].set_xlabel("block")
+    axes[1].set_title("chosen intervals (one student each)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    from tasks import tracking
+    from tasks.ppcl.adapter import MMDIT, trace
+    from tasks.ppcl.cka import cka_table
+    cfg = load_section("intervals")
+    teacher, _ = load_mmdit(TEACHER)
+    ckpt = load_probe_file(PROBES)
+    probes = rebuild_probes(ckpt, teacher.img_in.out_features)
+    with tracking.stage_run("intervals", cfg.model_dump()):
+        with torch.no_grad():
+            tr = trace(teacher, MMDIT, tuple(ckpt["calibration"]))
+            table = cka_table(teacher, MMDIT, probes, tr)
+        chosen = choose(table, tr, MMDIT, cfg)
+        write_json(INTERVALS, chosen)
+        plot(table, chosen, PLOT)
+        tracking.log_metrics({f"removed.{k}": v for k, v in chosen["removed"].items()}
+                             | {"ablation_removed": chosen["ablation"]["removed"]})
+        print(f"intervals: contiguous {chosen['intervals']}")
+        for k, ivs in chosen["selected"].items():
+            print(f"  ratio {k}: {ivs} ({chosen['removed'][k]} blocks removed)")
+        print(f"  ablation (CKA >= {cfg.cka_threshold:g}): {chosen['ablation']['intervals']} "
+              f"({chosen['ablation']['removed']} removed) -> {INTERVALS}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,66 @@
+"""Stage `width_prune`: PPCL step 4, residual linear projectors in place of the most linear MLPs.
+
+On the depth variant named by `width_prune.base_ratio` (assembled from the trained students, no
+training; 0 = the teacher), every block's image FFN and text-stream MLP is scored by its linear
+replacement error (least-squares projector, relative block-output error); the `ffn` image FFNs and
+`text_mlp` text MLPs with the lowest error become `y = x + W x + b`, initialised by least squares
+and (`steps` > 0) trained alone with L1 between L2-normalised block outputs. The whole pruned model
+is saved as `models/ppcl/width.pt` (rebuilt by `tasks.artifacts.load_model`).
+"""
+from __future__ import annotations
+
+import json
+
+from tasks.artifacts import save_checkpoint, write_json
+from tasks.config import load_section
+from tasks.errors import ArtifactError, run_stage
+from tasks.ppcl_io import INTERVALS, STUDENTS, TEACHER, WIDTH, diffusion_data, load_mmdit, load_students
+
+METRICS = "metrics/ppcl_width.json"
+
+
+def base_intervals(chosen: dict, base_ratio: float) -> list[tuple[int, int]]:
+    if base_ratio == 0:
+        return []
+    key = f"{base_ratio:g}"
+    if key not in chosen["selected"]:
+        raise ArtifactError(f"width_prune.base_ratio = {base_ratio}: {INTERVALS} has no selection for it; "
+                            f"use 0 or one of intervals.ratios ({', '.join(chosen['selected'])})")
+    return [tuple(iv) for iv in chosen["selected"][key]]
+
+
+def main() -> None:
+    from tasks import tracking
+    from tasks.ppcl.adapter import MMDIT, spec_of, trace
+    from tasks.ppcl.depth import assemble
+    from tasks.ppcl.flow_matching import noisy_inputs
+    from tasks.ppcl.width import WidthConfig, linearize_mlps, lowest_error_targets, mlp_linear_errors
+    cfg = load_section("width_prune")
+    chosen = json.loads(INTERVALS.read_text())
+    teacher, ckpt = load_mmdit(TEACHER)
+    intervals = base_intervals(chosen, cfg.base_ratio)
+    base = assemble(teacher, MMDIT, load_students(STUDENTS, teacher, MMDIT, intervals))
+    x, y = diffusion_data(teacher.image_size)
+    with tracking.stage_run("width_prune", cfg.model_dump()):
+        data = noisy_inputs(x, y, cfg.data_size, seed=cfg.seed, caption_dropout=0.1)
+        tr = trace(base, MMDIT, data)
+        calib = trace(base, MMDIT, tuple(t[:256] for t in data))
+        errors = mlp_linear_errors(base, MMDIT, calib, cfg.ridge)
+        targets = sorted(lowest_error_targets(errors, cfg.text_mlp, stream=1) + lowest_error_targets(errors, cfg.ffn, stream=0))
+        model, report = linearize_mlps(base, MMDIT, tr, targets, WidthConfig(ridge=cfg.ridge, steps=cfg.steps, lr=cfg.lr,
+                                                                             batch_size=cfg.batch_size, seed=cfg.seed))
+        spec = spec_of(model, MMDIT, ckpt["spec"])
+        record = {"base_ratio": cfg.base_ratio, "intervals": [list(iv) for iv in intervals],
+                  "targets": [list(t) for t in targets], "linear_error": errors.tolist(), "report": report,
+                  "params": sum(p.numel() for p in model.parameters()), "blocks": len(model.blocks)}
+        save_checkpoint(WIDTH, model, spec, **{k: v for k, v in record.items() if k != "report"})
+        write_json(METRICS, record)
+        tracking.log_metrics({f"block_{r['block']}.{r['stream']}.error_trained": r["error_trained"] for r in report})
+        for r in report:
+            print(f"width_prune: block {r['block']:2d} {r['stream']}: error {r['error_init']:.4f} (least squares) -> "
+                  f"{r['error_trained']:.4f} (trained)")
+        print(f"width_prune: {len(targets)} MLPs linearised on {len(model.blocks)} blocks -> {WIDTH}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

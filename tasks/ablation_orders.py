@@ -93,7 +93,7 @@ def _distill(model: nn.Module, teacher: nn.Module, mask: dict | None, cfg: Ablat
         freeze_observers(model, False)
     dcfg = DistillConfig(epochs=cfg.kd_epochs, lr=cfg.kd_lr, batch_size=cfg.batch_size, temperature=cfg.temperature,
                          alpha=cfg.alpha, seed=seed)
-    return distill(model, teacher, dcfg, train, val, mask)[0]
+    return distill(model, teacher, dcfg, train, val, mask, select_on_val=False)[0]
 
 
 def run_order(teacher: nn.Module, order: str, cfg: AblationConfig, train: tuple, val: tuple, calib_x: np.ndarray,

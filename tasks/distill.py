@@ -21,8 +21,13 @@ from tasks.training import FitConfig, accuracy, fit
 
 
 def distill(student: torch.nn.Module, teacher: torch.nn.Module, cfg: DistillConfig, train: tuple, val: tuple,
-            mask: dict | None = None, state: dict | None = None, on_epoch=None) -> tuple[torch.nn.Module, dict]:
-    """Distil `teacher` into `student` in place of a copy; returns (the better of before/after on val, record)."""
+            mask: dict | None = None, state: dict | None = None, on_epoch=None,
+            select_on_val: bool = True) -> tuple[torch.nn.Module, dict]:
+    """Distil `teacher` into a copy of `student`; returns (the better of before/after on val, record).
+
+    With `select_on_val=False` the distilled weights are kept whatever val says (a fixed-budget
+    comparison such as the order ablation, where every order must apply every step).
+    """
     start_acc = accuracy(student, *val)
     trained = copy.deepcopy(student)
     hist = fit(trained, train, val, FitConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, patience=cfg.epochs,
@@ -30,7 +35,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, cfg: DistillConf
                loss=distillation_loss(teacher.eval(), cfg.temperature, cfg.alpha),
                after_step=(lambda m: apply_masks(m, mask)) if mask else None,
                on_epoch=on_epoch, state=state, desc="distill")
-    improved = hist.best_val_acc > start_acc
+    improved = hist.best_val_acc > start_acc or not select_on_val
     return (trained if improved else student), {"val_acc_before": start_acc, "val_acc_best": hist.best_val_acc,
                                                 "kept_distilled_weights": improved}
 

@@ -46,6 +46,9 @@ def main() -> None:
     _, train, val, test = load_data()
     teacher, _ = load_model(TEACHER)
     student, ckpt = load_model(QUANTIZED)
+    if ckpt.get("qat"):
+        from tasks.compress.qat import freeze_observers
+        freeze_observers(student)  # QAT set the activation ranges; distillation must not move the deployed grid
     with tracking.stage_run("distill", cfg.model_dump(), recipe="pqd"):
         mask = None if ckpt.get("qat") else ckpt["masks"]  # QAT layers hold their masks themselves
         state_path = resume_file("distill", cfg.model_dump(), str(ckpt["metrics"]))

@@ -82,7 +82,7 @@ def test_first_run_executes_every_stage_and_records_it(project):
     assert executed(outcome) == ["prepare", "train", "prune", "quantize", "distill", "export", "evaluate", "benchmark"]
     for path in ("models/teacher.fp32.onnx", "models/pqd/student.int8.onnx", "data/prepared/test.npz", "reports/pqd.md"):
         assert (project / path).exists(), path
-    assert "up to date" in dvc(project, "status")
+    assert "up to date" in dvc(project, "status", "--with-deps", "benchmark")  # the pqd pipeline; ppcl and ablation did not run
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     parent = mlflow.search_runs(experiment_names=["distillery"], filter_string="tags.`distillery.kind` = 'pipeline'",
@@ -117,3 +117,40 @@ def test_plain_dvc_repro_agrees_with_the_flow(project):
     assert "didn't change, skipping" in out or "up to date" in out
     assert "Running stage" not in out
     assert (project / "dvc.lock").read_text() == lock
+
+
+def repro_ran(out: str) -> list[str]:
+    """The stages `dvc repro` executed, from its 'Running stage' lines, in order."""
+    return [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
+
+
+def test_second_run_records_which_stages_were_reused(project):
+    outcome = run(project)
+    assert executed(outcome) == []
+    parent = mlflow.search_runs(experiment_names=["distillery"], filter_string="tags.`distillery.kind` = 'pipeline'",
+                                order_by=["attributes.start_time DESC"], max_results=1, output_format="list")[0]
+    assert parent.data.tags["stages.executed"] == "none"
+    assert parent.data.tags["stages.reused"] == ",".join(outcome)
+
+
+def test_a_param_change_reruns_that_stage_and_its_descendants_with_plain_dvc_too(project):
+    set_params(project, distill={"temperature": 3.0})
+    assert repro_ran(dvc(project, "repro")) == ["distill", "export", "evaluate", "benchmark"]
+
+
+def test_a_code_change_reruns_that_stage_and_its_descendants(project):
+    with open(project / "tasks/evaluate.py", "a") as f:
+        f.write("\n# a code change DVC must notice\n")
+    assert executed(run(project)) == ["evaluate", "benchmark"]
+    with open(project / "tasks/export.py", "a") as f:
+        f.write("\n# a code change DVC must notice\n")
+    assert repro_ran(dvc(project, "repro")) == ["export", "evaluate", "benchmark"]
+
+
+def test_changed_input_data_reruns_everything_from_prepare(project):
+    raw = project / "data/raw/digits.npz"
+    import numpy as np
+    with np.load(raw) as f:
+        x, y = f["x"][:-7], f["y"][:-7]  # a user's data set lost a few images
+    np.savez_compressed(raw, x=x, y=y)
+    assert executed(run(project)) == ["prepare", "train", "prune", "quantize", "distill", "export", "evaluate", "benchmark"]

@@ -20,9 +20,9 @@ from tasks.training import FitConfig, accuracy, fit
 def prune(teacher: torch.nn.Module, cfg: PruneConfig, example: torch.Tensor) -> tuple[torch.nn.Module, dict | None]:
     """The pruned copy of `teacher` and its masks (None for structured: the zeros are gone)."""
     if cfg.method == "unstructured":
-        model = prune_unstructured(teacher, cfg.sparsity)
+        model = prune_unstructured(teacher, cfg.sparsity).requires_grad_(True)  # a teacher used for KD comes frozen
         return model, masks(model)
-    return prune_structured(teacher, cfg.ratio, example), None
+    return prune_structured(teacher, cfg.ratio, example).requires_grad_(True), None
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ channels for real, so dense kernels get faster. Both log params, non-zeros and M
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from tasks.artifacts import load_model, save_checkpoint, write_json
@@ -19,10 +21,11 @@ from tasks.training import FitConfig, accuracy, fit
 
 def prune(teacher: torch.nn.Module, cfg: PruneConfig, example: torch.Tensor) -> tuple[torch.nn.Module, dict | None]:
     """The pruned copy of `teacher` and its masks (None for structured: the zeros are gone)."""
+    teacher = copy.deepcopy(teacher).requires_grad_(True)  # a teacher used for KD comes frozen; frozen layers are not pruned
     if cfg.method == "unstructured":
-        model = prune_unstructured(teacher, cfg.sparsity).requires_grad_(True)  # a teacher used for KD comes frozen
+        model = prune_unstructured(teacher, cfg.sparsity)
         return model, masks(model)
-    return prune_structured(teacher, cfg.ratio, example).requires_grad_(True), None
+    return prune_structured(teacher, cfg.ratio, example), None
 
 
 def main() -> None:

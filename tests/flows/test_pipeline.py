@@ -114,7 +114,7 @@ def test_changing_one_benchmark_key_reruns_benchmark_only(project):
 
 def test_plain_dvc_repro_agrees_with_the_flow(project):
     lock = (project / "dvc.lock").read_text()
-    out = dvc(project, "repro")
+    out = dvc(project, "repro", "benchmark")
     assert "didn't change, skipping" in out or "up to date" in out
     assert "Running stage" not in out
     assert (project / "dvc.lock").read_text() == lock
@@ -136,7 +136,7 @@ def test_second_run_records_which_stages_were_reused(project):
 
 def test_a_param_change_reruns_that_stage_and_its_descendants_with_plain_dvc_too(project):
     set_params(project, distill={"temperature": 3.0})
-    assert repro_ran(dvc(project, "repro")) == ["distill", "export", "evaluate", "benchmark"]
+    assert repro_ran(dvc(project, "repro", "benchmark")) == ["distill", "export", "evaluate", "benchmark"]
 
 
 def test_a_code_change_reruns_that_stage_and_its_descendants(project):
@@ -145,7 +145,7 @@ def test_a_code_change_reruns_that_stage_and_its_descendants(project):
     assert executed(run(project)) == ["evaluate", "benchmark"]
     with open(project / "tasks/export.py", "a") as f:
         f.write("\n# a code change DVC must notice\n")
-    assert repro_ran(dvc(project, "repro")) == ["export", "evaluate", "benchmark"]
+    assert repro_ran(dvc(project, "repro", "benchmark")) == ["export", "evaluate", "benchmark"]
 
 
 def test_changed_input_data_reruns_everything_from_prepare(project):

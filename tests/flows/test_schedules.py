@@ -93,12 +93,12 @@ def test_deploy_registers_each_recipe_with_its_cron_on_a_process_pool(api):
     from prefect.client.orchestration import get_client
 
     from flows.cli import app
-    from flows.pipeline import PIPELINES
+    from flows.deploy import load_schedules
     result = CliRunner().invoke(app, ["deploy", "--root", str(ROOT)])
     assert result.exit_code == 0, result.output
     with get_client(sync_client=True) as client:
         assert client.read_work_pool("distillery").type == "process"
-        for recipe in PIPELINES:
+        for recipe in load_schedules(ROOT / "schedules.yaml").pipelines:
             deployment = client.read_deployment_by_name(f"distillery-pipeline/{recipe}")
             assert deployment.work_pool_name == "distillery" and deployment.entrypoint == "flows/pipeline.py:pipeline"
             assert deployment.parameters == {"recipe": recipe, "root": str(ROOT)}

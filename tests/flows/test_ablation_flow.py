@@ -15,13 +15,6 @@ ABLATION = {"prune_epochs": 1, "qat_epochs": 1, "kd_epochs": 1, "seeds": 2, "cal
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def project(tmp_path_factory, harness):
     root = make_project(tmp_path_factory.mktemp("abl") / "p")
     set_params(root, ablation=ABLATION)

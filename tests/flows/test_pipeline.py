@@ -48,13 +48,6 @@ def make_project(dest: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def project(tmp_path_factory, harness):
     root = make_project(tmp_path_factory.mktemp("proj") / "p")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"

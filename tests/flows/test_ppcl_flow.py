@@ -19,13 +19,6 @@ STAGES = ["prepare", "train", "ppcl_teacher", "probe", "intervals", "depth_disti
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def project(tmp_path_factory, harness):
     root = make_project(tmp_path_factory.mktemp("ppcl") / "p")
     set_params(root, **PPCL)

@@ -16,18 +16,16 @@ import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.dvc_stages import EXECUTED, SKIPPED, lineage_tags, lock_entry, run_stage, stage_order, tag_stage_run
+from flows.pipeline import attach_reports, log_outcome, recipe_run
 from tasks import tracking
 from tasks.config import load_params
 from tasks.errors import DistilleryError
 
 REPORT_STAGE = "ablation_report"
 ORDER_PREFIX = "ablation@"
-REPORTS = [Path("reports/ablation.md"), Path("reports/ablation.csv"), Path("reports/ablation.png")]
 DASK_ENV = "DISTILLERY_DASK_ADDRESS"
 
 
@@ -113,38 +111,19 @@ def run_orders(root: Path, stages: list[str], parent_run_id: str) -> dict[str, s
 @flow(name="distillery-ablation", flow_run_name="ablation", log_prints=True)
 def ablation(root: str = ".") -> dict[str, str]:
     """Every order of prune / quantize / distill from one teacher, concurrently; then the side-by-side report."""
-    import mlflow
-    logger = get_run_logger()
     root_path = Path(root).resolve()
     os.chdir(root_path)
     load_params(root_path / "params.yaml")
     stages = stage_order(root_path, [REPORT_STAGE])
     orders = [s for s in stages if s.startswith(ORDER_PREFIX)]
     upstream = [s for s in stages if s not in orders and s != REPORT_STAGE]
-    tracking.init_mlflow(root_path)
-    outcome: dict[str, str] = {}
-    with mlflow.start_run(run_name="ablation", tags={"distillery.kind": "pipeline", "distillery.recipe": "ablation",
-                                                     "git.commit": tracking.git_commit(root_path),
-                                                     "prefect.flow_run_id": str(flow_run.get_id())}) as parent:
-        from flows.pipeline import mark_orphans_killed
-        try:
-            for stage in upstream:
-                outcome[stage] = run_stage(root_path, stage, parent.info.run_id)
-            outcome.update(run_orders(root_path, orders, parent.info.run_id))
-            outcome[REPORT_STAGE] = run_stage(root_path, REPORT_STAGE, parent.info.run_id)
-        finally:
-            mark_orphans_killed(parent.info.run_id)
-            executed = [s for s, o in outcome.items() if o == EXECUTED]
-            reused = [s for s, o in outcome.items() if o != EXECUTED]
-            mlflow.set_tags({"stages.executed": ",".join(executed) or "none", "stages.reused": ",".join(reused) or "none"})
-            mlflow.log_metrics({"stages_executed": len(executed), "stages_reused": len(reused)})
-        for path in REPORTS:
-            if (root_path / path).exists():
-                mlflow.log_artifact(str(root_path / path), artifact_path="reports")
-        md = root_path / REPORTS[0]
-        if md.exists():
-            create_markdown_artifact(md.read_text(), key="ablation-table", description="ablation: reports/ablation.md")
-    logger.info("executed: %s; reused: %s", ", ".join(executed) or "none", ", ".join(reused) or "none")
+    with recipe_run("ablation", root_path) as (parent_run_id, outcome):
+        for stage in upstream:
+            outcome[stage] = run_stage(root_path, stage, parent_run_id)
+        outcome.update(run_orders(root_path, orders, parent_run_id))
+        outcome[REPORT_STAGE] = run_stage(root_path, REPORT_STAGE, parent_run_id)
+        attach_reports("ablation", root_path)
+    log_outcome(outcome)
     return outcome
 
 

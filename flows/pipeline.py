@@ -27,8 +27,12 @@ PIPELINES: dict[str, list[str]] = {
     "pqd": ["benchmark"],
     "ppcl": ["menu"],
 }
-REPORTS: dict[str, list[str]] = {"pqd": ["reports/pqd.md"]}  # recipe -> markdown files attached to the Prefect run
-REPORTS["ppcl"] = ["reports/ppcl_menu.md"]
+# recipe -> its reports: each one an MLflow artifact of the parent run, the markdown ones also on the Prefect run
+REPORTS: dict[str, list[str]] = {
+    "pqd": ["reports/pqd.md"],
+    "ppcl": ["reports/ppcl_menu.md"],
+    "ablation": ["reports/ablation.md", "reports/ablation.csv", "reports/ablation.png"],
+}
 REGISTERED = {"pqd"}  # recipes whose deployed models (tasks.export.DEPLOYED) go to the model registry
 
 
@@ -67,39 +71,68 @@ def mark_orphans_killed(parent_run_id: str) -> None:
         client.set_terminated(run.info.run_id, status="KILLED")
 
 
+def split_outcome(outcome: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(executed, reused) stage names."""
+    executed = [s for s, o in outcome.items() if o == EXECUTED]
+    return executed, [s for s in outcome if s not in executed]
+
+
+@contextlib.contextmanager
+def recipe_run(recipe: str, root: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """The recipe's MLflow parent run: yields its id and the stage -> outcome dict for the flow to fill.
+
+    On exit, even a failed one, stage runs left open by a killed process are closed as KILLED and the
+    parent is tagged with the stages executed and reused.
+    """
+    import mlflow
+    tracking.init_mlflow(root)
+    outcome: dict[str, str] = {}
+    with mlflow.start_run(run_name=recipe, tags={"distillery.kind": "pipeline", "distillery.recipe": recipe,
+                                                 "git.commit": tracking.git_commit(root),
+                                                 "prefect.flow_run_id": str(flow_run.get_id()),
+                                                 **tracking.owner_tags()}) as parent:
+        try:
+            yield parent.info.run_id, outcome
+        finally:
+            mark_orphans_killed(parent.info.run_id)
+            executed, reused = split_outcome(outcome)
+            mlflow.set_tags({"stages.executed": ",".join(executed) or "none", "stages.reused": ",".join(reused) or "none"})
+            mlflow.log_metrics({"stages_executed": len(executed), "stages_reused": len(reused)})
+
+
+def attach_reports(recipe: str, root: Path) -> None:
+    """The recipe's reports that exist: MLflow artifacts of the active run; the markdown ones also Prefect artifacts."""
+    import mlflow
+    for report in REPORTS.get(recipe, []):
+        path = root / report
+        if not path.exists():
+            continue
+        mlflow.log_artifact(str(path), artifact_path="reports")
+        if path.suffix == ".md":
+            create_markdown_artifact(path.read_text(), key=f"{recipe}-{path.stem}".replace("_", "-"),
+                                     description=f"{recipe}: {report}")
+
+
+def log_outcome(outcome: dict[str, str]) -> None:
+    executed, reused = split_outcome(outcome)
+    logger = get_run_logger()
+    logger.info("executed: %s; reused: %s", ", ".join(executed) or "none", ", ".join(reused) or "none")
+    if not executed:
+        logger.info("nothing changed since the last run: no stage was re-executed")
+
+
 @flow(name="distillery-pipeline", flow_run_name="{recipe}", log_prints=True)
 def pipeline(recipe: str = "pqd", root: str = ".") -> dict[str, str]:
     """Run one recipe's DVC stages in DVC's order; unchanged stages are skipped, not re-run."""
-    import mlflow
-    logger = get_run_logger()
     root_path = Path(root).resolve()
     os.chdir(root_path)
     load_params(root_path / "params.yaml")
     stages = stage_order(root_path, PIPELINES[recipe])
-    tracking.init_mlflow(root_path)
-    outcome: dict[str, str] = {}
-    with mlflow.start_run(run_name=recipe, tags={"distillery.kind": "pipeline", "distillery.recipe": recipe,
-                                                 "git.commit": tracking.git_commit(root_path),
-                                                 "prefect.flow_run_id": str(flow_run.get_id()),
-                                                 **tracking.owner_tags()}) as parent:
-        try:
-            for stage in stages:
-                outcome[stage] = run_stage(root_path, stage, parent.info.run_id)
-        finally:
-            mark_orphans_killed(parent.info.run_id)
-            executed = [s for s, o in outcome.items() if o == EXECUTED]
-            reused = [s for s, o in outcome.items() if o != EXECUTED]
-            mlflow.set_tags({"stages.executed": ",".join(executed) or "none", "stages.reused": ",".join(reused) or "none"})
-            mlflow.log_metrics({"stages_executed": len(executed), "stages_reused": len(reused)})
+    with recipe_run(recipe, root_path) as (parent_run_id, outcome):
+        for stage in stages:
+            outcome[stage] = run_stage(root_path, stage, parent_run_id)
         if recipe in REGISTERED:
-            register_models(recipe, root_path, parent.info.run_id)
-        for report in REPORTS.get(recipe, []):
-            path = root_path / report
-            if path.exists():
-                create_markdown_artifact(path.read_text(), key=f"{recipe}-{path.stem}".replace("_", "-"),
-                                         description=f"{recipe}: {report}")
-                mlflow.log_artifact(str(path), artifact_path="reports")
-    logger.info("executed: %s; reused: %s", ", ".join(executed) or "none", ", ".join(reused) or "none")
-    if not executed:
-        logger.info("nothing changed since the last run: no stage was re-executed")
+            register_models(recipe, root_path, parent_run_id)
+        attach_reports(recipe, root_path)
+    log_outcome(outcome)
     return outcome

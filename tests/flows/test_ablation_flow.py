@@ -34,6 +34,24 @@ def executed(outcome):
     return [s for s, o in outcome.items() if o == "executed"]
 
 
+def check_table_against_onnx_runtime(root) -> None:
+    """Score every models/ablation/<order>/seed<k>.int8.onnx here, with ORT directly; compare with the table's means."""
+    import numpy as np
+    import onnxruntime as ort
+    import pandas as pd
+    test = np.load(root / "data/prepared/test.npz")
+    table = pd.read_csv(root / "reports/ablation.csv").set_index("order")
+    for order, row in table.iterrows():
+        accs = []
+        for path in sorted((root / "models/ablation" / order).glob("seed*.int8.onnx")):
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            name = session.get_inputs()[0].name
+            logits = np.concatenate([session.run(None, {name: x[None]})[0] for x in test["x"]])
+            accs.append(100 * float((logits.argmax(1) == test["y"]).mean()))
+        assert len(accs) == row["seeds"], order
+        assert abs(np.mean(accs) - row["acc_mean_pct"]) <= 0.1, (order, accs, row["acc_mean_pct"])
+
+
 def test_first_run_runs_every_order_and_records_it(project):
     outcome = run(project)
     assert executed(outcome) == ["prepare", "train", "ablation@pqd", "ablation@qpd", "ablation@dqp", "ablation_report"]
@@ -43,11 +61,15 @@ def test_first_run_runs_every_order_and_records_it(project):
     table = (project / "reports/ablation.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in table[1:]] == ["pqd", "qpd", "dqp"]
     assert (project / "reports/ablation.png").stat().st_size > 0
+    check_table_against_onnx_runtime(project)
     assert "up to date" in dvc(project, "status", "--with-deps", "ablation_report")
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     parent = mlflow.search_runs(experiment_names=["distillery"], filter_string="tags.`distillery.recipe` = 'ablation' "
                                 "and tags.`distillery.kind` = 'pipeline'", output_format="list")[0]
+    assert parent.data.tags["stages.executed"] == ",".join(executed(outcome))
+    assert sorted(a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "reports")) == \
+        ["reports/ablation.csv", "reports/ablation.md", "reports/ablation.png"]
     children = mlflow.search_runs(experiment_names=["distillery"],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", output_format="list")
     results = [r for r in children if r.data.tags.get("distillery.kind") == "ablation-result"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from tasks.errors import DistilleryError
+from tasks.plotting import pyplot, save_figure
 
 ACCURACY_STAGE, LATENCY_STAGE = "evaluate", "benchmark"  # the stages that log per-model metrics
 FIGURES = {  # report column -> MLflow metric name, per model
@@ -135,9 +136,7 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from tasks.artifacts import atomic_path
     data = table.dropna(subset=["accuracy", "p50_ms_1t"])
@@ -155,10 +154,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     ax.set_title("Accuracy against latency, every run", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(root: Path | str = ".", out: Path | str = OUT) -> dict[str, Path]:

@@ -20,6 +20,7 @@ from tasks.artifacts import load_model, write_json, write_text
 from tasks.config import load_section
 from tasks.errors import ArtifactError, run_stage
 from tasks.latency import cpu_info, time_models
+from tasks.plotting import pyplot, save_figure
 from tasks.pqd_io import TEACHER, input_shape, load_data
 
 TEACHER_ONNX = Path("models/ablation_teacher.fp32.onnx")
@@ -78,10 +79,7 @@ def markdown(table: pd.DataFrame, teacher: dict, cpu: dict) -> str:
 
 def plot(table: pd.DataFrame, runs: pd.DataFrame, teacher: dict, path: Path) -> None:
     """Accuracy per order: bars at the mean, error bars of one std, and each seed as a dot (two seeds hide little)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from tasks.artifacts import atomic_path
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     position = {order: i for i, order in enumerate(table["order"])}
     ax.bar(range(len(table)), table["acc_mean_pct"], yerr=table["acc_std_pct"], capsize=4, color="tab:blue",
@@ -95,10 +93,7 @@ def plot(table: pd.DataFrame, runs: pd.DataFrame, teacher: dict, path: Path) -> 
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Order ablation: sparse INT8 models")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def log_runs(runs: pd.DataFrame, teacher: dict, parent_run_id: str) -> None:

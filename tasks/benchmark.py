@@ -19,6 +19,7 @@ from tasks.errors import run_stage
 from tasks.export import DEPLOYED
 from tasks.latency import benchmark
 from tasks.onnx_export import load_session, onnx_stats
+from tasks.plotting import pyplot, save_figure
 from tasks.pqd_io import PREPARED
 
 METRICS = Path("metrics/benchmark.json")
@@ -44,9 +45,7 @@ def table(result: dict, accuracy: dict) -> pd.DataFrame:
 
 
 def plot(df: pd.DataFrame, cpu: str, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     latency = next(c for c in df.columns if c.startswith("p50_ms_"))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(df[latency], df["accuracy_pct"], "o-", color="tab:blue")
@@ -57,10 +56,7 @@ def plot(df: pd.DataFrame, cpu: str, path: Path) -> None:
     ax.set_ylabel("test accuracy [%] (ONNX Runtime)")
     ax.set_title(f"Prune -> Quantize -> Distill\n{cpu}", fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

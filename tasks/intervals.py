@@ -15,9 +15,10 @@ import math
 import numpy as np
 import torch
 
-from tasks.artifacts import atomic_path, write_json
+from tasks.artifacts import write_json
 from tasks.config import load_section
 from tasks.errors import run_stage
+from tasks.plotting import pyplot, save_figure
 from tasks.ppcl_io import INTERVALS, PROBES, TEACHER, load_mmdit, load_probe_file
 
 PLOT = "reports/ppcl_cka.png"
@@ -89,9 +90,7 @@ def choose(table: np.ndarray, trace, adapter, cfg) -> dict:
 
 
 def plot(table: np.ndarray, chosen: dict, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     n = table.shape[0] - 1
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     cmap = plt.get_cmap("viridis")
@@ -112,10 +111,7 @@ def plot(table: np.ndarray, chosen: dict, path) -> None:
     axes[1].set_xlim(0, n)
     axes[1].set_xlabel("block")
     axes[1].set_title("chosen intervals (one student each)", fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> None:

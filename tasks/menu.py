@@ -23,6 +23,7 @@ from tasks.artifacts import atomic_path, load_model, write_json, write_text
 from tasks.config import load_section
 from tasks.errors import run_stage
 from tasks.intervals import variant_name
+from tasks.plotting import pyplot, save_figure
 from tasks.ppcl_io import (INTERVALS, PPCL, REPORTS, SEQUENTIAL, STUDENTS, TEACHER, WIDTH, grouped_by_digit,
                            load_classifier, load_mmdit, load_students, prompts, save_grid)
 
@@ -103,9 +104,7 @@ def table(menu: dict, quality: dict, timing: dict, n_blocks: int) -> pd.DataFram
 
 
 def plot(df: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     speed = next(c for c in df.columns if c.startswith("speedup_"))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for _, r in df.iterrows():
@@ -118,10 +117,7 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     ax.set_ylabel("prompt adherence [%]")
     ax.set_title("PPCL menu: one training, variants plugged together", fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

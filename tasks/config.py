@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from tasks.errors import ParamsError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -118,17 +118,19 @@ class EvaluateConfig(Section):
     batch_size: int = Field(256, ge=1, le=65536)
 
 
+def _thread_counts(v: list[int]) -> list[int]:
+    if not v or any(t < 0 for t in v):
+        raise ValueError("threads must be a non-empty list of counts >= 0 (0 = all cores)")
+    return v
+
+
+ThreadCounts = Annotated[list[int], AfterValidator(_thread_counts)]  # ORT thread counts to time at; 0 = all cores
+
+
 class BenchmarkConfig(Section):
     warmup: int = Field(20, ge=0, le=10000)
     runs: int = Field(200, ge=10, le=100000)
-    threads: list[int] = Field(default_factory=lambda: [1, 0])  # 0 means all cores
-
-    @field_validator("threads")
-    @classmethod
-    def _threads(cls, v: list[int]) -> list[int]:
-        if not v or any(t < 0 for t in v):
-            raise ValueError("threads must be a non-empty list of counts >= 0 (0 = all cores)")
-        return v
+    threads: ThreadCounts = Field(default_factory=lambda: [1, 0])
 
 
 ABLATION_ORDERS = ("pqd", "pdq", "qpd", "qdp", "dpq", "dqp")  # p = prune, q = quantize (QAT), d = distill
@@ -265,14 +267,7 @@ class MenuConfig(Section):
     opset: int = Field(18, ge=13, le=23)
     warmup: int = Field(30, ge=0, le=10000)
     runs: int = Field(300, ge=10, le=100000)
-    threads: list[int] = Field(default_factory=lambda: [1, 0])  # 0 means all cores
-
-    @field_validator("threads")
-    @classmethod
-    def _threads(cls, v: list[int]) -> list[int]:
-        if not v or any(t < 0 for t in v):
-            raise ValueError("threads must be a non-empty list of counts >= 0 (0 = all cores)")
-        return v
+    threads: ThreadCounts = Field(default_factory=lambda: [1, 0])
 
 
 SECTIONS: dict[str, type[Section]] = {

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.dvc_stages import lineage_tags, lock_entry, stage_order, tag_stage_run
 from flows.lineage import trace, verify
+from repos import init_git_dvc
 from tasks import tracking
 
 DVC_YAML = {"stages": {
@@ -36,7 +37,6 @@ SCRIPTS = {  # stdlib + yaml only: each stage runs in a fraction of a second
     "export": "import pathlib\n"
               "pathlib.Path('models/teacher.fp32.onnx').write_bytes(b'onnx' + open('models/teacher.pt', 'rb').read()[::-1])\n",
 }
-GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
 def make_project(root: Path) -> Path:
@@ -50,12 +50,7 @@ def make_project(root: Path) -> Path:
     (root / "data/raw/a.txt").write_text("raw digits a\n")
     (root / "data/raw/b.txt").write_text("raw digits b\n")
     (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\n")
-    env = {**os.environ, **GIT_ENV}
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True, env=env)
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
-    subprocess.run(["git", "commit", "-qm", "init"], cwd=root, check=True, env=env)
-    return root
+    return init_git_dvc(root)
 
 
 def run_pipeline(root: Path, recipe: str = "pqd") -> dict[str, str]:

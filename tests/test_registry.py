@@ -14,6 +14,7 @@ from flows.dvc_stages import lineage_tags, lock_entry, stage_order, tag_stage_ru
 from flows.lineage import lineage
 from flows.registry import (CHAMPION, Headline, RegistryError, pick_champion, register_models,
                             registered_name)
+from repos import init_git_dvc
 from tasks import tracking
 
 DEPLOYED = {"teacher": "models/teacher.fp32.onnx", "pruned": "models/pqd/pruned.fp32.onnx",
@@ -51,7 +52,6 @@ SCRIPTS = {
                  "pathlib.Path('metrics').mkdir(exist_ok=True)\n"
                  "json.dump({'models': models, 'cpu': {'cpu_model': 'test'}}, open('metrics/benchmark.json', 'w'))\n",
 }
-GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
 def set_params(root: Path, **sections) -> None:
@@ -69,12 +69,7 @@ def make_project(root: Path) -> Path:
     for name, code in SCRIPTS.items():
         (root / "src" / f"{name}.py").write_text(code)
     (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\n")
-    env = {**os.environ, **GIT_ENV}
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True, env=env)
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
-    subprocess.run(["git", "commit", "-qm", "init"], cwd=root, check=True, env=env)
-    return root
+    return init_git_dvc(root)
 
 
 def run_pipeline(root: Path, recipe: str = "pqd") -> tuple[str, dict[str, str]]:

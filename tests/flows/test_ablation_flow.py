@@ -7,6 +7,7 @@ import mlflow
 import pytest
 import yaml
 
+from repos import tracked_in
 from test_pipeline import dvc, make_project, set_params
 
 pytestmark = pytest.mark.slow
@@ -18,11 +19,8 @@ ABLATION = {"prune_epochs": 1, "qat_epochs": 1, "kd_epochs": 1, "seeds": 2, "cal
 def project(tmp_path_factory, harness):
     root = make_project(tmp_path_factory.mktemp("abl") / "p")
     set_params(root, ablation=ABLATION)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    cwd = os.getcwd()
-    yield root
-    os.chdir(cwd)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    with tracked_in(root):
+        yield root
 
 
 def run(root):

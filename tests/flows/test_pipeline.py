@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from repos import init_git_dvc, tracked_in
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {
@@ -38,23 +39,14 @@ def make_project(dest: Path) -> Path:
     for name in ("tasks", "data/raw"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     set_params(dest, **TINY)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=dest, check=True, env=env)
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run(["git", "commit", "-qm", "init"], cwd=dest, check=True, env=env)
-    return dest
+    return init_git_dvc(dest)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, harness):
     root = make_project(tmp_path_factory.mktemp("proj") / "p")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    cwd = os.getcwd()
-    yield root
-    os.chdir(cwd)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    with tracked_in(root):
+        yield root
 
 
 def run(root: Path) -> dict[str, str]:

@@ -1,10 +1,9 @@
 """`distillery run ppcl` on a real DVC repo with tiny params: every PPCL stage runs, reports exist,
 and a second run executes nothing."""
-import os
-
 import pytest
 import yaml
 
+from repos import tracked_in
 from test_pipeline import dvc, make_project, set_params
 
 pytestmark = pytest.mark.slow
@@ -22,11 +21,8 @@ STAGES = ["prepare", "train", "ppcl_teacher", "probe", "intervals", "depth_disti
 def project(tmp_path_factory, harness):
     root = make_project(tmp_path_factory.mktemp("ppcl") / "p")
     set_params(root, **PPCL)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    cwd = os.getcwd()
-    yield root
-    os.chdir(cwd)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    with tracked_in(root):
+        yield root
 
 
 def run(root):

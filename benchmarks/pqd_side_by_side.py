@@ -8,9 +8,10 @@
 
 each timed with ONNX Runtime, batch 1, at one thread and all cores, as ratios to the teacher.
 The two P->Q->D students are built here from `models/teacher.pt` with the `prune`, `quantize`
-and `distill` sections of params.yaml (method overridden), by the same functions the stages use.
+and `distill` sections of params.yaml (method overridden), by the library's chain
+(`distillery.compress.chain.run_order`), whose steps are the ones the stages call.
 
-    python benchmarks/pqd_side_by_side.py            # after `make run`; a few minutes on two cores
+    python -m benchmarks.pqd_side_by_side            # after `make run`; a few minutes on two cores
 """
 from __future__ import annotations
 
@@ -22,37 +23,30 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from tasks.artifacts import load_model
-from tasks.compress.ptq import quantize_ort_defaults, quantize_ptq
-from tasks.compress.qat import export_int8_onnx
-from tasks.config import load_section
-from tasks.distill import distill
-from tasks.evaluate import evaluate
-from tasks.latency import benchmark
-from tasks.onnx_export import onnx_stats
-from tasks.pqd_io import TEACHER, calibration_subset, input_shape, load_data
-from tasks.prune import prune
-from tasks.quantize import quantize_aware_train
-from tasks.training import FitConfig, fit
-from tasks.compress.pruning import apply_masks
+from distillery.compress.chain import ChainConfig, run_order
+from distillery.compress.ptq import quantize_ort_defaults, quantize_ptq
+from distillery.compress.qat import export_int8_onnx
+from distillery.core.params import load_section
+from distillery.data import calibration_subset, input_shape, load_prepared
+from distillery.latency import benchmark
+from distillery.models import load_model
+from distillery.onnx_export import onnx_accuracy, onnx_stats
+from tasks.paths import DEPLOYED, PREPARED, TEACHER
 
 WORK = Path("benchmarks/work")
 RESULTS = Path("benchmarks/results")
+TEACHER_ONNX = DEPLOYED["teacher"]
 
 
 def build_pqd(method: str, teacher, meta, train, val, calib_x) -> Path:
-    """Prune (method), QAT, distill from the teacher; export the INT8 student."""
+    """Prune (method), QAT, distill from the teacher with the recipe's params; export the INT8 student."""
     example = torch.zeros(input_shape(meta))
-    p_cfg = load_section("prune").model_copy(update={"method": method})
-    q_cfg, d_cfg = load_section("quantize"), load_section("distill")
-    torch.manual_seed(p_cfg.seed)
-    model, mask = prune(teacher, p_cfg, example)
-    if p_cfg.finetune_epochs:
-        fit(model, train, val, FitConfig(epochs=p_cfg.finetune_epochs, lr=p_cfg.lr, batch_size=p_cfg.batch_size,
-                                        patience=p_cfg.finetune_epochs, seed=p_cfg.seed),
-            after_step=(lambda m: apply_masks(m, mask)) if mask else None, desc=f"fine-tune {method}")
-    student = quantize_aware_train(model, mask or {}, q_cfg, train, val, calib_x, example)
-    student, _ = distill(student, teacher, d_cfg, train, val)
+    p, q, d = (load_section(s) for s in ("prune", "quantize", "distill"))
+    cfg = ChainConfig(method=method, sparsity=p.sparsity, ratio=p.ratio, prune_epochs=p.finetune_epochs,
+                      qat_epochs=q.epochs, kd_epochs=d.epochs, prune_lr=p.lr, qat_lr=q.lr, kd_lr=d.lr,
+                      batch_size=q.batch_size, temperature=d.temperature, alpha=d.alpha,
+                      freeze_observers_epoch=q.freeze_observers_epoch)
+    student = run_order(teacher, "pqd", cfg, train, val, calib_x, example, seed=p.seed)
     return export_int8_onnx(student, example, WORK / f"pqd_{method}.int8.onnx")
 
 
@@ -61,20 +55,20 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=50)
     args = parser.parse_args()
-    if not Path("models/teacher.fp32.onnx").exists():
-        sys.exit("models/teacher.fp32.onnx is missing: run `make run` (or `dvc repro export`) first")
-    meta, train, val, (x_test, y_test) = load_data()
+    if not TEACHER_ONNX.exists():
+        sys.exit(f"{TEACHER_ONNX} is missing: run `make run` (or `dvc repro export`) first")
+    meta, train, val, (x_test, y_test) = load_prepared(PREPARED)
     teacher, _ = load_model(TEACHER)
     calib_x, calib_hash = calibration_subset(train[0], load_section("quantize").calibration_size, seed=0)
     WORK.mkdir(parents=True, exist_ok=True)
     paths = {
-        "fp32 teacher": Path("models/teacher.fp32.onnx"),
-        "ORT quantize_static defaults": quantize_ort_defaults("models/teacher.fp32.onnx", WORK / "ort_defaults.onnx", calib_x),
-        "our PTQ (per-channel, u8 act)": quantize_ptq("models/teacher.fp32.onnx", WORK / "ptq.onnx", calib_x),
+        "fp32 teacher": TEACHER_ONNX,
+        "ORT quantize_static defaults": quantize_ort_defaults(TEACHER_ONNX, WORK / "ort_defaults.onnx", calib_x),
+        "our PTQ (per-channel, u8 act)": quantize_ptq(TEACHER_ONNX, WORK / "ptq.onnx", calib_x),
         "our P->Q->D unstructured": build_pqd("unstructured", teacher, meta, train, val, calib_x),
         "our P->Q->D structured": build_pqd("structured", teacher, meta, train, val, calib_x),
     }
-    accuracy = evaluate(paths, x_test, y_test, batch_size=256)
+    accuracy = {name: {"accuracy": onnx_accuracy(path, x_test, y_test)} for name, path in paths.items()}
     timing = benchmark(paths, "fp32 teacher", x_test, [1, 0], args.warmup, args.runs)
     rows = []
     for name, path in paths.items():

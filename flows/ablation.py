@@ -20,9 +20,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.dvc_stages import EXECUTED, SKIPPED, lineage_tags, lock_entry, run_stage, stage_order, tag_stage_run
 from flows.pipeline import attach_reports, log_outcome, recipe_run
-from tasks import tracking
-from tasks.config import load_params
-from tasks.errors import DistilleryError
+from distillery.core import tracking
+from distillery.core.params import load_params
+from distillery.core.errors import DistilleryError
 
 REPORT_STAGE = "ablation_report"
 ORDER_PREFIX = "ablation@"

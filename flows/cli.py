@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from tasks.errors import DistilleryError
+from distillery.core.errors import DistilleryError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress PyTorch models for CPU deployment, reproducibly.")
@@ -16,13 +16,27 @@ RECIPES = ("pqd", "ablation", "ppcl")
 
 def embedded_defaults(root: Path) -> None:
     """Local state lives in the project; telemetry off. Set before prefect or mlflow is imported."""
-    from tasks.tracking import quiet_telemetry
+    from distillery.core.tracking import quiet_telemetry
     quiet_telemetry()
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_API_HOST", "127.0.0.1")  # the temporary server stays private
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # 20 s is too short on a busy 2-core box
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+
+def check_params(path: Path) -> dict:
+    """Every section of `path` validated, the model known to the zoo and the raw data readable; nothing written."""
+    from distillery.core.errors import ParamsError
+    from distillery.core.params import load_params
+    from distillery.data import check_source
+    from distillery.models import MODELS
+    configs = load_params(path)
+    arch = configs["train"].arch
+    if arch not in MODELS:
+        raise ParamsError(f"{path}: train.arch = {arch!r}: unknown model; allowed: {', '.join(sorted(MODELS))}")
+    check_source(configs["prepare"].source, configs["prepare"].path)  # the raw data's headers and labels
+    return configs
 
 
 def fail(err: Exception, debug: bool) -> None:
@@ -35,10 +49,8 @@ def fail(err: Exception, debug: bool) -> None:
 @app.command()
 def validate(params: Path = typer.Option(Path("params.yaml"), help="params file to check")) -> None:
     """Check every params.yaml section; print what is wrong, or nothing."""
-    from tasks.config import load_params
-    from tasks.prepare import check
     try:
-        check(load_params(params)["prepare"])
+        check_params(params)
     except DistilleryError as err:
         fail(err, debug=False)
     typer.echo(f"{params}: ok")
@@ -49,15 +61,12 @@ def run(recipe: str = typer.Argument(..., help=f"one of: {', '.join(RECIPES)}"),
         root: Path = typer.Option(Path("."), help="project folder (holds dvc.yaml and params.yaml)"),
         debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
     """Run a recipe as a Prefect flow over its DVC stages; unchanged stages are skipped."""
-    from tasks.config import load_params
     root = root.resolve()
     os.chdir(root)  # params paths are relative to the project, as in DVC's stage commands
     try:
         if recipe not in RECIPES:
             raise DistilleryError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
-        configs = load_params(root / "params.yaml")  # before Prefect's start-up: bad params cost no time
-        from tasks.prepare import check
-        check(configs["prepare"])  # the raw data's headers and labels, before any stage runs
+        check_params(root / "params.yaml")  # before Prefect's start-up: bad params cost no time
     except DistilleryError as err:
         fail(err, debug)
     embedded_defaults(root)

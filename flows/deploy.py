@@ -18,7 +18,7 @@ from uuid import UUID
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.errors import DistilleryError
+from distillery.core.errors import DistilleryError
 
 SCHEDULES = Path("schedules.yaml")
 ENTRYPOINT = "flows/pipeline.py:pipeline"  # relative to the project root: the code a worker runs

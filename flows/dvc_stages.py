@@ -16,7 +16,7 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.states import Completed
 
-from tasks import tracking
+from distillery.core import tracking
 
 EXECUTED, SKIPPED, RESTORED = "executed", "skipped", "restored"
 

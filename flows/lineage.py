@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from tasks.errors import DistilleryError
-from tasks.tracking import flatten
+from distillery.core.errors import DistilleryError
+from distillery.core.tracking import flatten
 
 TAG_PATH, TAG_MD5 = "dvc.path", "dvc.md5"  # registry version tags: the file and its DVC md5
 
@@ -80,7 +80,7 @@ def relative(root: Path, target: str | Path) -> str:
 
 def mlflow_available(root: Path) -> bool:
     """Point MLflow at the project's store; False when there is no store to read (never creates one)."""
-    from tasks import tracking
+    from distillery.core import tracking
     tracking.quiet_telemetry()
     import mlflow
     uri = tracking.tracking_uri(root)

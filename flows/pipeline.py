@@ -16,11 +16,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from distillery.core import tracking
+from distillery.core.errors import DistilleryError
+from distillery.core.params import load_params
 from flows.dvc_stages import EXECUTED, run_stage, stage_order
-from flows.registry import register_models
-from tasks import tracking
-from tasks.config import load_params
-from tasks.errors import DistilleryError
+from flows.registry import REGISTERED, register_models
+from tasks.paths import ABLATION_REPORT, MENU_REPORT, PQD_REPORT
 
 # Each recipe names the stage(s) it ends with; DVC's graph supplies everything upstream.
 PIPELINES: dict[str, list[str]] = {
@@ -29,11 +30,10 @@ PIPELINES: dict[str, list[str]] = {
 }
 # recipe -> its reports: each one an MLflow artifact of the parent run, the markdown ones also on the Prefect run
 REPORTS: dict[str, list[str]] = {
-    "pqd": ["reports/pqd.md"],
-    "ppcl": ["reports/ppcl_menu.md"],
-    "ablation": ["reports/ablation.md", "reports/ablation.csv", "reports/ablation.png"],
+    "pqd": [str(PQD_REPORT.with_suffix(".md"))],
+    "ppcl": [str(MENU_REPORT.with_suffix(".md"))],
+    "ablation": [str(ABLATION_REPORT.with_suffix(s)) for s in (".md", ".csv", ".png")],
 }
-REGISTERED = {"pqd"}  # recipes whose deployed models (tasks.export.DEPLOYED) go to the model registry
 
 
 class RunLocked(DistilleryError):

@@ -17,11 +17,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from distillery.core.errors import DistilleryError
 from flows.lineage import TAG_MD5, TAG_PATH, find_run, producer, read_lock
-from tasks.errors import DistilleryError
+from tasks.paths import DEPLOYED, metrics
 
-ACCURACY = Path("metrics/evaluate.json")  # written by tasks/evaluate.py: {model: {"accuracy": ..}}
-LATENCY = Path("metrics/benchmark.json")  # written by tasks/benchmark.py: {"models": {model: {"threads_1": ..}}}
+ACCURACY = metrics("evaluate")  # written by tasks/evaluate.py: {model: {"accuracy": ..}}
+LATENCY = metrics("benchmark")  # written by tasks/benchmark.py: {"models": {model: {"threads_1": ..}}}
+REGISTERED = {"pqd": DEPLOYED}  # recipe -> the deployed models it registers; other recipes register none
 TEACHER = "teacher"  # the baseline every speed-up is measured against (tasks.benchmark.BASELINE)
 CHAMPION = "champion"
 CHAMPION_TOLERANCE = 0.01  # accuracy is in [0, 1]: one percentage point
@@ -91,7 +93,7 @@ class Registration:
 
 
 def _logged_model_uri(run_id: str, model: str) -> str | None:
-    """The MLflow model the producing stage logged for this file (tasks.tracking.log_onnx_model), if any."""
+    """The MLflow model the producing stage logged for this file (distillery.core.tracking.log_onnx_model), if any."""
     import mlflow
     run = mlflow.get_run(run_id)
     found = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
@@ -124,7 +126,7 @@ def register(recipe: str, root: Path | str, models: dict[str, Path | str], figur
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
-    from tasks import tracking
+    from distillery.core import tracking
     root = Path(root).resolve()
     tracking.init_mlflow(root)
     lock = read_lock(root)
@@ -180,8 +182,11 @@ def register_models(recipe: str, root: Path | str = ".", parent_run_id: str | No
                     models: dict[str, Path | str] | None = None) -> Registration:
     """Register every deployed model of `recipe` from the project's metrics files (the pipeline's last step)."""
     root = Path(root).resolve()
+    if recipe not in REGISTERED:
+        raise RegistryError(f"recipe {recipe!r} deploys no models to register; registered recipes: "
+                            f"{', '.join(REGISTERED)}")
     if models is None:
-        from tasks.export import DEPLOYED as models
+        models = REGISTERED[recipe]
     files = {}
     for rel in (ACCURACY, LATENCY):
         if not (root / rel).exists():

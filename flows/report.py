@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.errors import DistilleryError
-from tasks.plotting import pyplot, save_figure
+from distillery.core.errors import DistilleryError
+from distillery.core.plotting import pyplot, save_figure
 
 ACCURACY_STAGE, LATENCY_STAGE = "evaluate", "benchmark"  # the stages that log per-model metrics
 FIGURES = {  # report column -> MLflow metric name, per model
@@ -37,7 +37,7 @@ def load_runs(experiment: str | None = None) -> pd.DataFrame:
     """Every run of the experiment (all kinds), as MLflow's search_runs table."""
     import mlflow
 
-    from tasks import tracking
+    from distillery.core import tracking
     name = experiment or tracking.experiment_name()
     if mlflow.get_experiment_by_name(name) is None:
         raise ReportError(f"no MLflow experiment {name!r} at {mlflow.get_tracking_uri()}; run a pipeline first")
@@ -138,7 +138,7 @@ def markdown(table: pd.DataFrame) -> str:
 def plot(table: pd.DataFrame, path: Path) -> None:
     plt = pyplot()
 
-    from tasks.artifacts import atomic_path
+    from distillery.core.artifacts import atomic_path
     data = table.dropna(subset=["accuracy", "p50_ms_1t"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (recipe, group), colour in zip(data.groupby("recipe"), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 9):
@@ -159,8 +159,8 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 
 def write_report(root: Path | str = ".", out: Path | str = OUT) -> dict[str, Path]:
     """Gather every run from the project's MLflow store; write summary.md, .csv and .png under `out`."""
-    from tasks import tracking
-    from tasks.artifacts import atomic_path, write_text
+    from distillery.core import tracking
+    from distillery.core.artifacts import atomic_path, write_text
     root = Path(root).resolve()
     tracking.quiet_telemetry()
     import mlflow

@@ -1,1 +1,1 @@
-"""Distillery's stages (one module per DVC stage) and the plumbing they share."""
+"""Distillery's stages: one thin script per DVC stage (`python -m tasks.<stage>`), plus `paths`, the one list of project paths."""

@@ -1,70 +1,64 @@
 """Stage `ablation@<order>`: one order of prune / quantize / distill, every seed, as sparse INT8 ONNX.
 
 `python -m tasks.ablation pqd` reads `ablation` with `ablation.orders.pqd`'s overrides applied,
-runs the chain from the teacher once per seed and writes `models/ablation/pqd/seed<k>.int8.onnx`
-and `metrics/ablation/pqd.json` (ORT test accuracy, sparsity, INT8 initialisers per seed).
+runs the library's chain (`distillery.compress.chain.run_order`, the same steps the PQD stages
+call) from the teacher once per seed, and writes `models/ablation/pqd/seed<k>.int8.onnx` and
+`metrics/ablation/pqd.json` (ORT test accuracy, sparsity, INT8 initialisers per seed).
 """
 from __future__ import annotations
 
 import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from tasks.ablation_orders import quantized_sparsity, run_order
-from tasks.artifacts import load_model, write_json
-from tasks.config import load_section
-from tasks.errors import DistilleryError, run_stage
-from tasks.pqd_io import TEACHER, calibration_subset, input_shape, load_data
-from tasks.training import accuracy
-
-ABLATION_DIR = Path("models/ablation")
-METRICS_DIR = Path("metrics/ablation")
-
-
-def model_path(order: str, seed: int) -> Path:
-    return ABLATION_DIR / order / f"seed{seed}.int8.onnx"
-
-
-def onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    from tasks.onnx_export import run_onnx
-    return float((run_onnx(path, x).argmax(1) == y).mean())
+from distillery.compress.chain import ChainConfig, quantized_sparsity, run_order
+from distillery.compress.qat import export_int8_onnx, int8_initializers
+from distillery.core import tracking
+from distillery.core.artifacts import write_json
+from distillery.core.errors import DistilleryError, run_stage
+from distillery.core.params import load_section
+from distillery.data import calibration_subset, input_shape, load_prepared
+from distillery.models import load_model
+from distillery.onnx_export import onnx_accuracy
+from distillery.training import accuracy
+from tasks.paths import ABLATION, ABLATION_METRICS, PREPARED, TEACHER, ablation_model
 
 
 def main() -> None:
-    from tasks import tracking
-    from tasks.compress.qat import export_int8_onnx, int8_initializers
     if len(sys.argv) != 2:
         raise DistilleryError("usage: python -m tasks.ablation <order>")
     order = sys.argv[1]
     cfg = load_section("ablation").for_order(order)
     opset = load_section("export").opset
-    meta, train, val, (x_test, y_test) = load_data()
+    chain = ChainConfig(sparsity=cfg.sparsity, prune_epochs=cfg.prune_epochs, qat_epochs=cfg.qat_epochs,
+                        kd_epochs=cfg.kd_epochs, prune_lr=cfg.prune_lr, qat_lr=cfg.qat_lr, kd_lr=cfg.kd_lr,
+                        batch_size=cfg.batch_size, temperature=cfg.temperature, alpha=cfg.alpha,
+                        freeze_observers_epoch=cfg.freeze_observers_epoch)
+    meta, train, val, (x_test, y_test) = load_prepared(PREPARED)
     teacher, _ = load_model(TEACHER)
     example = torch.zeros(input_shape(meta))
-    shutil.rmtree(ABLATION_DIR / order, ignore_errors=True)  # as `dvc repro` would: no file of an earlier run survives
+    shutil.rmtree(ABLATION / order, ignore_errors=True)  # as `dvc repro` would: no file of an earlier run survives
     params = {"order": order, **cfg.model_dump(exclude={"orders", "warmup", "runs"})}
     with tracking.stage_run(f"ablation@{order}", {}, recipe="ablation"):  # '@' is not allowed in MLflow param keys
-        import mlflow
-        mlflow.log_params({f"ablation.{k}": v for k, v in params.items()})
+        tracking.log_params({f"ablation.{k}": v for k, v in params.items()})
         record = {}
         for seed in range(cfg.seeds):
             calib_x, calib_hash = calibration_subset(train[0], cfg.calibration_size, seed)
-            model = run_order(teacher, order, cfg, train, val, calib_x, example, seed)
-            path = export_int8_onnx(model, example, model_path(order, seed), opset)
-            record[f"seed{seed}"] = {"seed": seed, "val_acc_torch": accuracy(model, *val),
-                                     "test_acc": onnx_accuracy(path, x_test, y_test),
-                                     "sparsity": quantized_sparsity(model), "size_bytes": path.stat().st_size,
-                                     "int8_weight_initializers": len(int8_initializers(path)),
-                                     "calibration_sha256": calib_hash}
-            print(f"ablation@{order}: seed {seed}: test acc (ORT) {100 * record[f'seed{seed}']['test_acc']:.2f} %, "
-                  f"sparsity {record[f'seed{seed}']['sparsity']:.3f} -> {path}")
+            model = run_order(teacher, order, chain, train, val, calib_x, example, seed)
+            path = export_int8_onnx(model, example, ablation_model(order, seed), opset)
+            row = record[f"seed{seed}"] = {"seed": seed, "val_acc_torch": accuracy(model, *val),
+                                           "test_acc": onnx_accuracy(path, x_test, y_test),
+                                           "sparsity": quantized_sparsity(model), "size_bytes": path.stat().st_size,
+                                           "int8_weight_initializers": len(int8_initializers(path)),
+                                           "calibration_sha256": calib_hash}
+            print(f"ablation@{order}: seed {seed}: test acc (ORT) {100 * row['test_acc']:.2f} %, "
+                  f"sparsity {row['sparsity']:.3f} -> {path}")
         accs = [r["test_acc"] for r in record.values()]
         summary = {"order": order, "seeds": record, "test_acc_mean": float(np.mean(accs)),
                    "test_acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0}
-        write_json(METRICS_DIR / f"{order}.json", summary)
+        write_json(ABLATION_METRICS / f"{order}.json", summary)
         tracking.log_metrics({k: v for k, v in summary.items() if k != "seeds"} |
                              {f"seed{r['seed']}.{k}": v for r in record.values() for k, v in r.items() if k != "seed"})
 

@@ -15,22 +15,24 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tasks.ablation import model_path, onnx_accuracy
-from tasks.artifacts import load_model, write_json, write_text
-from tasks.config import load_section
-from tasks.errors import ArtifactError, run_stage
-from tasks.latency import cpu_info, time_models
-from tasks.plotting import pyplot, save_figure
-from tasks.pqd_io import TEACHER, input_shape, load_data
+from distillery.core import tracking
+from distillery.core.artifacts import write_json, write_text
+from distillery.core.errors import ArtifactError, run_stage
+from distillery.core.params import load_section
+from distillery.core.plotting import pyplot, save_figure
+from distillery.data import input_shape, load_prepared
+from distillery.latency import cpu_info, time_models
+from distillery.models import load_model
+from distillery.onnx_export import export_fp32_onnx, onnx_accuracy
+from tasks.paths import ABLATION_REPORT, ABLATION_TEACHER_ONNX as TEACHER_ONNX, PREPARED, TEACHER, ablation_model, metrics
 
-TEACHER_ONNX = Path("models/ablation_teacher.fp32.onnx")
-REPORT_MD, REPORT_CSV, REPORT_PNG = Path("reports/ablation.md"), Path("reports/ablation.csv"), Path("reports/ablation.png")
+REPORT_MD, REPORT_CSV, REPORT_PNG = (ABLATION_REPORT.with_suffix(s) for s in (".md", ".csv", ".png"))
 
 
 def measure(orders: dict[str, int], teacher_onnx: Path, x: np.ndarray, y: np.ndarray, warmup: int,
             runs: int) -> tuple[pd.DataFrame, dict]:
     """One row per (order, seed): ORT test accuracy, size, p50 at one thread; and the teacher's figures."""
-    paths = {f"{o}/seed{s}": model_path(o, s) for o, n in orders.items() for s in range(n)}
+    paths = {f"{o}/seed{s}": ablation_model(o, s) for o, n in orders.items() for s in range(n)}
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
         raise ArtifactError(f"ablation models missing: {missing[:3]}; run `distillery run ablation`")
@@ -115,11 +117,9 @@ def log_runs(runs: pd.DataFrame, teacher: dict, parent_run_id: str) -> None:
 
 
 def main() -> None:
-    from tasks import tracking
-    from tasks.onnx_export import export_fp32_onnx
     cfg = load_section("ablation")
     opset = load_section("export").opset
-    meta, _, _, (x_test, y_test) = load_data()
+    meta, _, _, (x_test, y_test) = load_prepared(PREPARED)
     teacher_model, _ = load_model(TEACHER)
     with tracking.stage_run("ablation_report", {"warmup": cfg.warmup, "runs": cfg.runs, "orders": ",".join(cfg.orders)},
                             recipe="ablation") as run:
@@ -131,16 +131,14 @@ def main() -> None:
         write_text(REPORT_MD, markdown(table, teacher, cpu))
         write_text(REPORT_CSV, table.to_csv(index=False, float_format="%.4f"))
         plot(table, runs, teacher, REPORT_PNG)
-        write_json("metrics/ablation_report.json", {"teacher": teacher, "cpu": cpu,
+        write_json(metrics("ablation_report"), {"teacher": teacher, "cpu": cpu,
                                                     "orders": table.set_index("order").to_dict(orient="index"),
                                                     "runs": runs.to_dict(orient="records")})
         log_runs(runs, teacher, os.environ.get(tracking.PARENT_ENV) or run.info.run_id)
         tracking.log_metrics({f"teacher.{k}": v for k, v in teacher.items()} |
                              {f"{o}.{k}": v for o, row in table.set_index("order").to_dict(orient="index").items()
                               for k, v in row.items()})
-        import mlflow
-        for path in (REPORT_MD, REPORT_CSV, REPORT_PNG):
-            mlflow.log_artifact(str(path), artifact_path="reports")
+        tracking.log_artifacts([REPORT_MD, REPORT_CSV, REPORT_PNG], "reports")
         print(REPORT_MD.read_text())
 
 

@@ -12,19 +12,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.artifacts import atomic_path, write_json, write_text
-from tasks.config import load_section
-from tasks.data import load_split
-from tasks.errors import run_stage
-from tasks.export import DEPLOYED
-from tasks.latency import benchmark
-from tasks.onnx_export import load_session, onnx_stats
-from tasks.plotting import pyplot, save_figure
-from tasks.pqd_io import PREPARED
+from distillery.core import tracking
+from distillery.core.artifacts import atomic_path, write_json, write_text
+from distillery.core.errors import run_stage
+from distillery.core.params import load_section
+from distillery.core.plotting import pyplot, save_figure
+from distillery.data import load_split
+from distillery.latency import benchmark
+from distillery.onnx_export import load_session, onnx_stats
+from tasks.paths import DEPLOYED, PQD_REPORT as REPORT, PREPARED, metrics
 
-METRICS = Path("metrics/benchmark.json")
-ACCURACY = Path("metrics/evaluate.json")
-REPORT = Path("reports/pqd")
+METRICS = metrics("benchmark")
+ACCURACY = metrics("evaluate")
 BASELINE = "teacher"
 
 
@@ -60,7 +59,6 @@ def plot(df: pd.DataFrame, cpu: str, path: Path) -> None:
 
 
 def main() -> None:
-    from tasks import tracking
     cfg = load_section("benchmark")
     x, _ = load_split(PREPARED, "test")
     for path in DEPLOYED.values():

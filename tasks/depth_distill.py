@@ -18,11 +18,13 @@ from multiprocessing import get_context
 
 import torch
 
-from tasks.artifacts import write_json
-from tasks.config import load_section
-from tasks.errors import run_stage
-from tasks.ppcl_io import (INTERVALS, SEQUENTIAL, STUDENTS, TEACHER, diffusion_data, distill_worker, interval_name,
-                           load_mmdit)
+from distillery.core.artifacts import write_json
+from distillery.core.params import load_section
+from distillery.core.errors import run_stage
+from distillery.models import load_model
+from distillery.ppcl.digits import diffusion_data
+from distillery.ppcl.students import distill_worker, interval_name
+from tasks.paths import INTERVALS, PPCL_TEACHER as TEACHER, PREPARED, SEQUENTIAL, STUDENTS
 
 METRICS = "metrics/ppcl_depth_distill.json"
 
@@ -56,14 +58,14 @@ def reset(folder) -> None:
 
 
 def main() -> None:
-    from tasks import tracking
-    from tasks.ppcl.adapter import MMDIT, trace
-    from tasks.ppcl.depth import DistillConfig
-    from tasks.ppcl.flow_matching import noisy_inputs
+    from distillery.core import tracking
+    from distillery.ppcl.adapter import MMDIT, trace
+    from distillery.ppcl.depth import DistillConfig
+    from distillery.ppcl.flow_matching import noisy_inputs
     cfg = load_section("depth_distill")
     chosen = json.loads(INTERVALS.read_text())
-    teacher, _ = load_mmdit(TEACHER)
-    x, y = diffusion_data(teacher.image_size)
+    teacher, _ = load_model(TEACHER)
+    x, y = diffusion_data(PREPARED, teacher.image_size)
     students = [tuple(iv) for iv in chosen["students"]]
     sequential = [tuple(iv) for iv in chosen["ablation"]["intervals"]] if cfg.sequential else []
     workers = cfg.workers or os.cpu_count() or 1
@@ -97,7 +99,7 @@ def main() -> None:
 
 
 def save_student_state(path, state: dict, iv, initial: float, final: float, kind: str) -> None:
-    from tasks.artifacts import atomic_path
+    from distillery.core.artifacts import atomic_path
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save({"interval": list(iv), "state_dict": state, "loss_initial": initial, "loss_final": final,
                     "kind": kind}, f)

@@ -13,27 +13,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.artifacts import load_model, write_json
-from tasks.config import load_section
-from tasks.errors import run_stage
-from tasks.onnx_export import export_fp32_onnx, run_onnx
-from tasks.pqd_io import DISTILLED, PRUNED, QUANTIZED, TEACHER, input_shape, load_data
-
-DEPLOYED = {  # step -> deployed file, in the order of the recipe
-    "teacher": Path("models/teacher.fp32.onnx"),
-    "pruned": Path("models/pqd/pruned.fp32.onnx"),
-    "quantized": Path("models/pqd/quantized.int8.onnx"),
-    "distilled": Path("models/pqd/student.int8.onnx"),
-}
-SOURCES = {"teacher": TEACHER, "pruned": PRUNED, "quantized": QUANTIZED, "distilled": DISTILLED}
+from distillery.compress.checkpoint import load_compressed
+from distillery.compress.ptq import quantize_ptq
+from distillery.compress.qat import export_int8_onnx, int8_initializers
+from distillery.core import tracking
+from distillery.core.artifacts import write_json
+from distillery.core.errors import run_stage
+from distillery.core.params import load_section
+from distillery.data import input_shape, load_prepared
+from distillery.onnx_export import export_fp32_onnx, run_onnx
+from tasks.paths import CHECKPOINTS, DEPLOYED, PREPARED, metrics
 
 
 def export_int8(model: torch.nn.Module, ckpt: dict, example: torch.Tensor, path: Path, opset: int) -> Path:
     """QAT models through our INT8 exporter; PTQ ones as FP32 then ONNX Runtime's static quantizer."""
     if ckpt.get("qat"):
-        from tasks.compress.qat import export_int8_onnx
         return export_int8_onnx(model, example, path, opset)
-    from tasks.compress.ptq import quantize_ptq
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_fp32_onnx(model, (example,), Path(tmp) / "fp32.onnx", opset)
         return quantize_ptq(fp32, path, ckpt["calibration_x"].numpy())
@@ -47,15 +42,13 @@ def agreement(model: torch.nn.Module, path: Path, x: np.ndarray) -> float:
 
 
 def main() -> None:
-    from tasks import tracking
-    from tasks.compress.qat import int8_initializers
     cfg = load_section("export")
-    meta, _, _, (x_test, _) = load_data()
+    meta, _, _, (x_test, _) = load_prepared(PREPARED)
     example = torch.zeros(input_shape(meta))
     with tracking.stage_run("export", cfg.model_dump()):
         record = {}
         for name, path in DEPLOYED.items():
-            model, ckpt = load_model(SOURCES[name])
+            model, ckpt = load_compressed(CHECKPOINTS[name])
             if name in ("quantized", "distilled"):
                 export_int8(model, ckpt, example, path, cfg.opset)
                 record[name] = {"agreement_with_torch": agreement(model, path, x_test),
@@ -66,7 +59,7 @@ def main() -> None:
             tracking.log_onnx_model(path, name)
             print(f"export: {name:<10} -> {path}  (ORT agrees with torch on {100 * record[name]['agreement_with_torch']:.2f} %"
                   f" of test images)")
-        write_json("metrics/export.json", record)
+        write_json(metrics("export"), record)
         tracking.log_metrics(record)
 
 

@@ -15,11 +15,14 @@ import math
 import numpy as np
 import torch
 
-from tasks.artifacts import write_json
-from tasks.config import load_section
-from tasks.errors import run_stage
-from tasks.plotting import pyplot, save_figure
-from tasks.ppcl_io import INTERVALS, PROBES, TEACHER, load_mmdit, load_probe_file
+from distillery.core.artifacts import write_json
+from distillery.core.params import load_section
+from distillery.core.errors import run_stage
+from distillery.core.plotting import pyplot, save_figure
+from distillery.models import load_model
+from distillery.ppcl.intervals import variant_name
+from distillery.ppcl.students import load_probe_file
+from tasks.paths import INTERVALS, PPCL_TEACHER as TEACHER, PROBES
 
 PLOT = "reports/ppcl_cka.png"
 
@@ -28,13 +31,9 @@ def ratio_key(ratio: float) -> str:
     return f"{ratio:g}"
 
 
-def variant_name(ratio: float) -> str:
-    return f"ppcl{round(100 * ratio)}"
-
-
 def rebuild_probes(ckpt: dict, dim: int):
-    from tasks.models.mmdit import ResidualLinear
-    from tasks.ppcl.adapter import StreamwiseBlock
+    from distillery.models.mmdit import ResidualLinear
+    from distillery.ppcl.adapter import StreamwiseBlock
     probes = []
     for state in ckpt["probes"]:
         block = StreamwiseBlock([ResidualLinear(dim) for _ in ckpt["streams"]], uses_cond=True)
@@ -48,13 +47,13 @@ def _clean(a: np.ndarray) -> list:
 
 
 def n_removed(intervals, student: bool = True) -> int:
-    from tasks.ppcl.intervals import removed
+    from distillery.ppcl.intervals import removed
     return sum(removed(tuple(iv), student) for iv in intervals)
 
 
 def choose(table: np.ndarray, trace, adapter, cfg) -> dict:
     """Every selection the menu and the report need, from the cka table (pure)."""
-    from tasks.ppcl.intervals import (angular_candidates, bi_candidates, block_influence, contiguous_intervals,
+    from distillery.ppcl.intervals import (angular_candidates, bi_candidates, block_influence, contiguous_intervals,
                                       delta, pcl_candidates, select_intervals, threshold_intervals)
     n = table.shape[0] - 1
     cands = pcl_candidates(table, cfg.min_len, cfg.max_len)
@@ -115,11 +114,11 @@ def plot(table: np.ndarray, chosen: dict, path) -> None:
 
 
 def main() -> None:
-    from tasks import tracking
-    from tasks.ppcl.adapter import MMDIT, trace
-    from tasks.ppcl.cka import cka_table
+    from distillery.core import tracking
+    from distillery.ppcl.adapter import MMDIT, trace
+    from distillery.ppcl.cka import cka_table
     cfg = load_section("intervals")
-    teacher, _ = load_mmdit(TEACHER)
+    teacher, _ = load_model(TEACHER)
     ckpt = load_probe_file(PROBES)
     probes = rebuild_probes(ckpt, teacher.img_in.out_features)
     with tracking.stage_run("intervals", cfg.model_dump()):

@@ -19,16 +19,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from tasks.artifacts import atomic_path, load_model, write_json, write_text
-from tasks.config import load_section
-from tasks.errors import run_stage
-from tasks.intervals import variant_name
-from tasks.plotting import pyplot, save_figure
-from tasks.ppcl_io import (INTERVALS, PPCL, REPORTS, SEQUENTIAL, STUDENTS, TEACHER, WIDTH, grouped_by_digit,
-                           load_classifier, load_mmdit, load_students, prompts, save_grid)
-
-ONNX_DIR = PPCL / "onnx"
-REPORT = Path("reports/ppcl_menu")
+from distillery.core.artifacts import atomic_path, write_json, write_text
+from distillery.core.params import load_section
+from distillery.core.errors import run_stage
+from distillery.core.plotting import pyplot, save_figure
+from distillery.models import load_model
+from distillery.ppcl.digits import grouped_by_digit, load_classifier, prompts, save_grid
+from distillery.ppcl.intervals import variant_name
+from distillery.ppcl.students import load_students
+from tasks.paths import (INTERVALS, MENU_REPORT as REPORT, PPCL_ONNX as ONNX_DIR, PPCL_REPORTS as REPORTS,
+                         PPCL_TEACHER as TEACHER, PREPARED, SEQUENTIAL, STUDENTS, TEACHER as CLASSIFIER, WIDTH)
 METRICS = "metrics/ppcl_menu.json"
 BASELINE = "teacher"
 GRIDS = REPORTS / "menu"  # reports/ppcl/teacher_samples.png belongs to ppcl_teacher
@@ -36,8 +36,8 @@ GRIDS = REPORTS / "menu"  # reports/ppcl/teacher_samples.png belongs to ppcl_tea
 
 def assemble_menu(teacher, chosen: dict, width_path: Path | None = WIDTH) -> dict[str, dict]:
     """name -> {"model", "blocks removed", "how"}: every variant, assembled from saved files, no training."""
-    from tasks.ppcl.adapter import MMDIT
-    from tasks.ppcl.depth import assemble
+    from distillery.ppcl.adapter import MMDIT
+    from distillery.ppcl.depth import assemble
     n = len(teacher.blocks)
     menu = {BASELINE: {"model": teacher, "how": "teacher"}}
     for name, key in chosen["variants"].items():
@@ -64,7 +64,7 @@ def assemble_menu(teacher, chosen: dict, width_path: Path | None = WIDTH) -> dic
 
 def export(model, path: Path, opset: int) -> None:
     import onnx
-    from tasks.ppcl.export import PackedStep, export_step, pack_inputs
+    from distillery.ppcl.export import PackedStep, export_step, pack_inputs
     example = pack_inputs(*model.example_inputs(1))
     proto = export_step(PackedStep(model), (example,), opset=opset, dynamic_batch=False)
     with atomic_path(path) as tmp:
@@ -73,8 +73,8 @@ def export(model, path: Path, opset: int) -> None:
 
 def ort_error(model, path: Path) -> float:
     """Max |ORT - torch| of the exported step on the example input."""
-    from tasks.latency import session
-    from tasks.ppcl.export import PackedStep, pack_inputs
+    from distillery.latency import session
+    from distillery.ppcl.export import PackedStep, pack_inputs
     packed = pack_inputs(*model.example_inputs(1))
     s = session(path, 1)
     got = s.run(None, {s.get_inputs()[0].name: packed.numpy()})[0]
@@ -121,14 +121,14 @@ def plot(df: pd.DataFrame, path: Path) -> None:
 
 
 def main() -> None:
-    from tasks import tracking
-    from tasks.latency import benchmark
-    from tasks.ppcl.export import pack_inputs
-    from tasks.ppcl.quality import adherence, psnr, sample_prompts
+    from distillery.core import tracking
+    from distillery.latency import benchmark
+    from distillery.ppcl.export import pack_inputs
+    from distillery.ppcl.quality import adherence, psnr, sample_prompts
     cfg = load_section("menu")
     chosen = json.loads(INTERVALS.read_text())
-    teacher, _ = load_mmdit(TEACHER)
-    classifier = load_classifier()
+    teacher, _ = load_model(TEACHER)
+    classifier = load_classifier(CLASSIFIER, PREPARED)
     menu = assemble_menu(teacher, chosen)
     labels, tokens, noise = prompts(cfg.prompts_per_digit, cfg.seed, teacher.image_size, teacher.in_channels)
     with tracking.stage_run("menu", cfg.model_dump()):

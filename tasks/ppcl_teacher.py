@@ -2,7 +2,7 @@
 
 Trains on the prepared train + val digits (de-standardised, resized to the MMDiT's 8x8, in
 [-1, 1]) with a caption per image; writes `models/ppcl/teacher.pt` (rebuilt by
-`tasks.artifacts.load_model`), a sample grid per prompt (`reports/ppcl/teacher_samples.png`, one
+`distillery.models.load_model`), a sample grid per prompt (`reports/ppcl/teacher_samples.png`, one
 column per digit) and `metrics/ppcl_teacher.json` with the prompt adherence that the foundation
 classifier (`models/teacher.pt`) measures.
 """
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from tasks.artifacts import save_checkpoint, write_json
-from tasks.config import load_section
-from tasks.errors import run_stage
-from tasks.ppcl_io import REPORTS, TEACHER, diffusion_data, grouped_by_digit, load_classifier, prompts, save_grid
+from distillery.core.artifacts import save_checkpoint, write_json
+from distillery.core.params import load_section
+from distillery.core.errors import run_stage
+from distillery.ppcl.digits import diffusion_data, grouped_by_digit, load_classifier, prompts, save_grid
+from tasks.paths import PPCL_REPORTS as REPORTS, PPCL_TEACHER as TEACHER, PREPARED, TEACHER as CLASSIFIER
 
 METRICS = "metrics/ppcl_teacher.json"
 
@@ -23,14 +24,14 @@ def model_spec(cfg) -> dict:
 
 
 def main() -> None:
-    from tasks import tracking
-    from tasks.models import build_model
-    from tasks.ppcl.flow_matching import FlowConfig, train_flow_matching
-    from tasks.ppcl.quality import adherence, sample_prompts
+    from distillery.core import tracking
+    from distillery.models import build_model
+    from distillery.ppcl.flow_matching import FlowConfig, train_flow_matching
+    from distillery.ppcl.quality import adherence, sample_prompts
     cfg = load_section("ppcl_teacher")
     spec = model_spec(cfg)
-    x, y = diffusion_data(spec["image_size"])
-    classifier = load_classifier()
+    x, y = diffusion_data(PREPARED, spec["image_size"])
+    classifier = load_classifier(CLASSIFIER, PREPARED)
     with tracking.stage_run("ppcl_teacher", cfg.model_dump()):
         torch.manual_seed(cfg.seed)
         model = build_model(spec)

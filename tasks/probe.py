@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import torch
 
-from tasks.artifacts import atomic_path, write_json
-from tasks.config import load_section
-from tasks.errors import run_stage
-from tasks.ppcl_io import PROBES, TEACHER, diffusion_data, load_mmdit
+from distillery.core.artifacts import atomic_path, write_json
+from distillery.core.params import load_section
+from distillery.core.errors import run_stage
+from distillery.models import load_model
+from distillery.ppcl.digits import diffusion_data
+from tasks.paths import PPCL_TEACHER as TEACHER, PREPARED, PROBES
 
 METRICS = "metrics/ppcl_probe.json"
 
 
 def main() -> None:
-    from tasks import tracking
-    from tasks.ppcl.adapter import MMDIT, trace
-    from tasks.ppcl.flow_matching import noisy_inputs
-    from tasks.ppcl.probes import ProbeConfig, fit_probes
+    from distillery.core import tracking
+    from distillery.ppcl.adapter import MMDIT, trace
+    from distillery.ppcl.flow_matching import noisy_inputs
+    from distillery.ppcl.probes import ProbeConfig, fit_probes
     cfg = load_section("probe")
-    teacher, _ = load_mmdit(TEACHER)
-    x, y = diffusion_data(teacher.image_size)
+    teacher, _ = load_model(TEACHER)
+    x, y = diffusion_data(PREPARED, teacher.image_size)
     with tracking.stage_run("probe", cfg.model_dump()):
         calib = noisy_inputs(x, y, cfg.calibration_size, seed=cfg.seed, caption_dropout=0.1)
         tr = trace(teacher, MMDIT, calib)

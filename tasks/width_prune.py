@@ -5,16 +5,19 @@ training; 0 = the teacher), every block's image FFN and text-stream MLP is score
 replacement error (least-squares projector, relative block-output error); the `ffn` image FFNs and
 `text_mlp` text MLPs with the lowest error become `y = x + W x + b`, initialised by least squares
 and (`steps` > 0) trained alone with L1 between L2-normalised block outputs. The whole pruned model
-is saved as `models/ppcl/width.pt` (rebuilt by `tasks.artifacts.load_model`).
+is saved as `models/ppcl/width.pt` (rebuilt by `distillery.models.load_model`).
 """
 from __future__ import annotations
 
 import json
 
-from tasks.artifacts import save_checkpoint, write_json
-from tasks.config import load_section
-from tasks.errors import ArtifactError, run_stage
-from tasks.ppcl_io import INTERVALS, STUDENTS, TEACHER, WIDTH, diffusion_data, load_mmdit, load_students
+from distillery.core.artifacts import save_checkpoint, write_json
+from distillery.core.params import load_section
+from distillery.core.errors import ArtifactError, run_stage
+from distillery.models import load_model
+from distillery.ppcl.digits import diffusion_data
+from distillery.ppcl.students import load_students
+from tasks.paths import INTERVALS, PPCL_TEACHER as TEACHER, PREPARED, STUDENTS, WIDTH
 
 METRICS = "metrics/ppcl_width.json"
 
@@ -30,17 +33,17 @@ def base_intervals(chosen: dict, base_ratio: float) -> list[tuple[int, int]]:
 
 
 def main() -> None:
-    from tasks import tracking
-    from tasks.ppcl.adapter import MMDIT, spec_of, trace
-    from tasks.ppcl.depth import assemble
-    from tasks.ppcl.flow_matching import noisy_inputs
-    from tasks.ppcl.width import WidthConfig, linearize_mlps, lowest_error_targets, mlp_linear_errors
+    from distillery.core import tracking
+    from distillery.ppcl.adapter import MMDIT, spec_of, trace
+    from distillery.ppcl.depth import assemble
+    from distillery.ppcl.flow_matching import noisy_inputs
+    from distillery.ppcl.width import WidthConfig, linearize_mlps, lowest_error_targets, mlp_linear_errors
     cfg = load_section("width_prune")
     chosen = json.loads(INTERVALS.read_text())
-    teacher, ckpt = load_mmdit(TEACHER)
+    teacher, ckpt = load_model(TEACHER)
     intervals = base_intervals(chosen, cfg.base_ratio)
     base = assemble(teacher, MMDIT, load_students(STUDENTS, teacher, MMDIT, intervals))
-    x, y = diffusion_data(teacher.image_size)
+    x, y = diffusion_data(PREPARED, teacher.image_size)
     with tracking.stage_run("width_prune", cfg.model_dump()):
         data = noisy_inputs(x, y, cfg.data_size, seed=cfg.seed, caption_dropout=0.1)
         tr = trace(base, MMDIT, data)

@@ -31,6 +31,7 @@ OUTPUTS = ["models/teacher.pt", "data/prepared/train.npz", "data/prepared/meta.j
 def env(**extra: str) -> dict[str, str]:
     e = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
     e["PATH"] = str(Path(sys.executable).parent) + os.pathsep + e.get("PATH", "")  # stage cmds: this venv's python
+    e["PYTHONPATH"] = str(ROOT)  # the stages' code, for project folders that hold only data and params
     for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "DISTILLERY_PARENT_RUN_ID", "DISTILLERY_DEBUG"):
         e.pop(key, None)  # each project uses its own mlflow.db and a temporary Prefect server
     return e
@@ -55,7 +56,7 @@ class OutputWatcher:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _check(self, rel: str) -> None:
-        from tasks.artifacts import load_checkpoint
+        from distillery.core.artifacts import load_checkpoint
         path = self.root / rel
         if not path.exists():
             return
@@ -153,7 +154,7 @@ def test_a_second_run_in_the_same_project_stops_at_once_naming_the_first(project
                             text=True, timeout=300)
     assert status.returncode == 0, status.stderr
     if (project / "mlflow.db").exists():
-        from tasks import tracking
+        from distillery.core import tracking
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
         try:
             tracking.init_mlflow(project)  # a later run closes what the killed one left RUNNING
@@ -179,7 +180,7 @@ def test_two_runs_from_scratch_with_the_same_seed_train_the_same_teacher(tmp_pat
         assert proc.returncode == 0, out[-2000:]
     a, b = (json.loads((root / "metrics/train.json").read_text()) for root in projects)
     assert a == b  # val and test accuracy, best epoch: all the same
-    from tasks.artifacts import load_checkpoint
+    from distillery.core.artifacts import load_checkpoint
     wa, wb = (load_checkpoint(root / "models/teacher.pt")["state_dict"] for root in projects)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the same weights, bit for bit
     md5 = [hashlib.md5((root / "models/teacher.pt").read_bytes()).hexdigest() for root in projects]
@@ -188,8 +189,8 @@ def test_two_runs_from_scratch_with_the_same_seed_train_the_same_teacher(tmp_pat
 
 EXPORT_LOOP = """
 import sys, torch
-from tasks.models import build_model
-from tasks.onnx_export import export_fp32_onnx
+from distillery.models import build_model
+from distillery.onnx_export import export_fp32_onnx
 model = build_model({"arch": "toy", "width": 0.5, "depth": 1, "in_channels": 1, "num_classes": 10})
 for i in range(1000):
     export_fp32_onnx(model, (torch.zeros(1, 1, 8, 8),), sys.argv[1])
@@ -198,7 +199,7 @@ for i in range(1000):
 
 
 def test_sigkill_during_onnx_export_leaves_the_old_file_or_the_new_one_never_half(tmp_path):
-    from tasks.onnx_export import load_session
+    from distillery.onnx_export import load_session
     path = tmp_path / "models/teacher.fp32.onnx"
     proc = subprocess.Popen([sys.executable, "-c", EXPORT_LOOP, str(path)], env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)

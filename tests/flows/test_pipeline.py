@@ -36,7 +36,7 @@ def make_project(dest: Path) -> Path:
     dest.mkdir()
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, dest / name)
-    for name in ("tasks", "data/raw"):
+    for name in ("distillery", "tasks", "data/raw"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     set_params(dest, **TINY)
     return init_git_dvc(dest)

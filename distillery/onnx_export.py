@@ -1,0 +1,112 @@
+"""ONNX export and ONNX Runtime inference, with the checks that make a bad file a clear error."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distillery.core.artifacts import atomic_path
+from distillery.core.errors import ArtifactError
+
+
+@contextlib.contextmanager
+def quiet_export():
+    """The dynamo exporter prints pages of progress; keep the stage logs readable."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        level = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(level)
+
+
+def export_fp32_onnx(model: torch.nn.Module, example_inputs: tuple, path: Path | str, opset: int = 18,
+                     atol: float = 1e-3) -> Path:
+    """Export with the dynamo exporter, check ORT against torch, then move into place."""
+    model = model.eval()
+    with atomic_path(path) as tmp, quiet_export():
+        torch.onnx.export(model, example_inputs, str(tmp), dynamo=True, opset_version=opset,
+                          input_names=["input"], output_names=["output"], external_data=False)
+        with torch.no_grad():
+            expected = model(*example_inputs).numpy()
+        got = run_onnx(tmp, example_inputs[0].numpy())
+        if not np.allclose(got, expected, atol=atol, rtol=1e-3):
+            raise ArtifactError(f"{path}: ONNX output differs from torch by {np.abs(got - expected).max():.2e}")
+    return Path(path)
+
+
+def load_session(path: Path | str, threads: int = 0):
+    """An ORT session, or a clear error for a missing, truncated or corrupt model file."""
+    from distillery.latency import session
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: ONNX model missing; run the export stage (dvc repro export)")
+    try:
+        return session(path, threads)
+    except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf types
+        raise ArtifactError(f"{path}: not a loadable ONNX model, truncated or corrupt ({str(err).splitlines()[0][:200]}); "
+                            "restore it with `dvc checkout` or re-run the export stage") from None
+
+
+def run_onnx(path_or_session, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Model outputs for `x`, batched; accepts a path or an existing session."""
+    sess = load_session(path_or_session) if isinstance(path_or_session, (str, Path)) else path_or_session
+    name = sess.get_inputs()[0].name
+    batch_dim = sess.get_inputs()[0].shape[0]
+    step = batch_size if not isinstance(batch_dim, int) else batch_dim
+    return np.concatenate([sess.run(None, {name: x[i:i + step]})[0] for i in range(0, len(x), step)])
+
+
+def onnx_stats(path: Path | str) -> dict:
+    """Size on disk, parameters, non-zero parameters and MACs (batch 1) of an ONNX model.
+
+    Parameters are the weight initialisers (Q/DQ scales and zero points and int64 shape
+    constants excluded), counted through DequantizeLinear so INT8 and FP32 models compare.
+    """
+    import onnx
+    from onnx import numpy_helper, shape_inference
+    path = Path(path)
+    model = onnx.load(str(path))
+    graph = shape_inference.infer_shapes(model).graph
+    inits = {i.name: i for i in graph.initializer}
+    quant_params = {n.input[k] for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                    for k in (1, 2) if len(n.input) > k}
+    params = nonzero = 0
+    for name, init in inits.items():
+        if name in quant_params or init.data_type == onnx.TensorProto.INT64:
+            continue
+        arr = numpy_helper.to_array(init)
+        params += arr.size
+        nonzero += int(np.count_nonzero(arr))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(graph.value_info) + list(graph.output) + list(graph.input)}
+    for name, init in inits.items():
+        shapes[name] = list(init.dims)
+    dq_source = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+
+    def shape(name: str) -> list[int]:
+        return shapes.get(name) or shapes.get(dq_source.get(name, ""), [])
+
+    macs = 0
+    for n in graph.node:
+        if n.op_type == "Conv":
+            w, out = shape(n.input[1]), shape(n.output[0])
+            if w and out:
+                macs += int(np.prod(out)) * int(np.prod(w[1:]))
+        elif n.op_type in ("Gemm", "MatMul"):
+            a, out = shape(n.input[0]), shape(n.output[0])
+            if a and out:
+                macs += int(np.prod(out)) * a[-1]
+    return {"size_bytes": path.stat().st_size, "params": int(params), "nonzero_params": int(nonzero), "macs": int(macs)}
+
+
+def onnx_accuracy(path: Path | str, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
+    """Top-1 accuracy in [0, 1] of an ONNX classifier on (x, y), through ONNX Runtime."""
+    return float((run_onnx(path, x, batch_size).argmax(1) == y).mean())

@@ -1,0 +1,75 @@
+"""Files of PPCL's trained parts (one student block per interval, the probes), and the worker that
+distils one interval in its own process (a regular module, so that spawned workers can import it)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from distillery.core.artifacts import atomic_path
+from distillery.core.errors import ArtifactError
+from distillery.models import load_model
+from distillery.ppcl.adapter import MMDIT, Trace
+from distillery.ppcl.depth import distill_interval, distill_sequential, load_student
+
+Interval = tuple[int, int]
+
+
+def interval_name(iv: Interval) -> str:
+    return f"{iv[0]}_{iv[1]}"
+
+
+def save_student(path: Path, block: nn.Module, interval: Interval, **extra) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save({"interval": list(interval), "state_dict": block.state_dict(), **extra}, f)
+
+
+def load_students(folder: Path, teacher: nn.Module, adapter, intervals) -> dict[Interval, nn.Module]:
+    """The students of `intervals`, each from its own file, rebuilt on the teacher's middle block."""
+    out = {}
+    for iv in intervals:
+        iv = tuple(iv)
+        ckpt = load_student_file(folder / f"{interval_name(iv)}.pt")
+        out[iv] = load_student(teacher, adapter, iv, ckpt["state_dict"])
+    return out
+
+
+def load_student_file(path: Path) -> dict:
+    if not path.exists():
+        raise ArtifactError(f"{path}: student missing; run the depth_distill stage (dvc repro depth_distill)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ArtifactError(f"{path}: not a readable student file ({type(err).__name__}); re-run depth_distill") from None
+
+
+def load_probe_file(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing; run the probe stage (dvc repro probe)") from None
+    except Exception as err:
+        raise ArtifactError(f"{path}: not a readable probe file ({type(err).__name__}); re-run probe") from None
+    return ckpt
+
+
+def distill_worker(job: dict) -> dict:
+    """Train one interval's student (or the sequential chain) in this process; returns state dicts.
+
+    `job`: {"kind": "interval" | "sequential", "teacher": path, "intervals": [...], "states": {index: states},
+    "cond": tensor, "cfg": DistillConfig}. Only the hidden states the job needs travel to the worker.
+    """
+    torch.set_num_threads(1)
+    teacher, _ = load_model(job["teacher"])
+    n = len(teacher.blocks)
+    hidden = [job["states"].get(i, ()) for i in range(n + 1)]
+    tr = Trace(hidden, job["cond"], torch.empty(0))
+    if job["kind"] == "interval":
+        iv = tuple(job["intervals"][0])
+        student, hist = distill_interval(teacher, MMDIT, tr, iv, job["cfg"])
+        return {"kind": "interval", "results": {iv: (student.state_dict(), hist.initial, hist.final)}}
+    # the sequential chain needs every state; the caller sends them all
+    seq = distill_sequential(teacher, MMDIT, tr, [tuple(i) for i in job["intervals"]], job["cfg"])
+    return {"kind": "sequential",
+            "results": {iv: (s.state_dict(), h.initial, h.final) for iv, (s, h) in seq.items()}}

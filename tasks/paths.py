@@ -1,0 +1,50 @@
+"""Where every artifact of the project lives, relative to the project root: the one place a path is named.
+
+`dvc.yaml` names the same files as each stage's deps and outs (DVC needs them there);
+`tests/tasks/test_paths.py` checks that the two agree. Stages, flows and benchmarks import
+from here; the library (`distillery`) takes paths as arguments and knows none of these.
+"""
+from pathlib import Path
+
+PREPARED = Path("data/prepared")  # train/val/test .npz + meta.json (stage prepare)
+TEACHER = Path("models/teacher.pt")  # the FP32 teacher (stage train)
+TRAIN_CURVE = Path("plots/train.csv")  # its per-epoch curve (DVC plots)
+
+PRUNED = Path("models/pqd/pruned.pt")
+QUANTIZED = Path("models/pqd/quantized.pt")
+DISTILLED = Path("models/pqd/distilled.pt")
+CHECKPOINTS = {"teacher": TEACHER, "pruned": PRUNED, "quantized": QUANTIZED, "distilled": DISTILLED}
+DEPLOYED = {  # step of the PQD recipe -> its deployed ONNX file (stage export), in the recipe's order
+    "teacher": Path("models/teacher.fp32.onnx"),
+    "pruned": Path("models/pqd/pruned.fp32.onnx"),
+    "quantized": Path("models/pqd/quantized.int8.onnx"),
+    "distilled": Path("models/pqd/student.int8.onnx"),
+}
+PQD_REPORT = Path("reports/pqd")  # .md, .csv and _tradeoff.png
+
+ABLATION = Path("models/ablation")  # <order>/seed<k>.int8.onnx
+ABLATION_METRICS = Path("metrics/ablation")  # <order>.json
+ABLATION_TEACHER_ONNX = Path("models/ablation_teacher.fp32.onnx")
+ABLATION_REPORT = Path("reports/ablation")  # .md, .csv, .png
+
+PPCL = Path("models/ppcl")
+PPCL_TEACHER = PPCL / "teacher.pt"
+PROBES = PPCL / "probes.pt"
+STUDENTS = PPCL / "students"
+SEQUENTIAL = PPCL / "sequential"
+WIDTH = PPCL / "width.pt"
+PPCL_ONNX = PPCL / "onnx"
+INTERVALS = Path("reports/ppcl_intervals.json")
+PPCL_REPORTS = Path("reports/ppcl")
+MENU_REPORT = Path("reports/ppcl_menu")  # .md, .csv, .png
+
+METRICS = Path("metrics")  # <stage>.json
+
+
+def metrics(stage: str) -> Path:
+    """The metrics file of a stage (DVC metrics, cache: false)."""
+    return METRICS / f"{stage}.json"
+
+
+def ablation_model(order: str, seed: int) -> Path:
+    return ABLATION / order / f"seed{seed}.int8.onnx"

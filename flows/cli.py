@@ -57,6 +57,26 @@ def validate(params: Path = typer.Option(Path("params.yaml"), help="params file 
 
 
 @app.command()
+def params(section: str = typer.Argument(None, help="one section; all when left out"),
+           path: Path = typer.Option(Path("params.yaml"), "--params", help="params file whose values to show")) -> None:
+    """Describe the params: every key's type, allowed range, description and its value in params.yaml."""
+    import yaml
+    from distillery.core.params import SECTIONS
+    values = yaml.safe_load(path.read_text()) if path.exists() else {}
+    if section is not None and section not in SECTIONS:
+        fail(DistilleryError(f"unknown section {section!r}; sections: {', '.join(SECTIONS)}"), debug=False)
+    for name, schema in SECTIONS.items():
+        if section not in (None, name):
+            continue
+        typer.echo(f"{name}:")
+        for key, field in schema.model_fields.items():
+            ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+            bounds = ", ".join(f"{ops[op]} {getattr(m, op)}" for m in field.metadata for op in ops if hasattr(m, op))
+            value = (values.get(name) or {}).get(key, "<missing>")
+            typer.echo(f"  {key} = {value!r}    # {field.description}" + (f" [{bounds}]" if bounds else ""))
+
+
+@app.command()
 def run(recipe: str = typer.Argument(..., help=f"one of: {', '.join(RECIPES)}"),
         root: Path = typer.Option(Path("."), help="project folder (holds dvc.yaml and params.yaml)"),
         debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:

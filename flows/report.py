@@ -138,7 +138,6 @@ def markdown(table: pd.DataFrame) -> str:
 def plot(table: pd.DataFrame, path: Path) -> None:
     plt = pyplot()
 
-    from distillery.core.artifacts import atomic_path
     data = table.dropna(subset=["accuracy", "p50_ms_1t"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (recipe, group), colour in zip(data.groupby("recipe"), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 9):

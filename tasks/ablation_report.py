@@ -108,7 +108,7 @@ def log_runs(runs: pd.DataFrame, teacher: dict, parent_run_id: str) -> None:
         run = client.create_run(exp_id, run_name=f"{r.order}/seed{r.seed}",
                                 tags={"mlflow.parentRunId": parent_run_id, "distillery.kind": "ablation-result",
                                       "distillery.recipe": "ablation", "ablation.order": r.order,
-                                      "ablation.seed": str(r.seed), "onnx.path": str(model_path(r.order, r.seed))})
+                                      "ablation.seed": str(r.seed), "onnx.path": str(ablation_model(r.order, r.seed))})
         values = {"test_acc": r.test_acc, "p50_ms_1t": r.p50_ms, "p90_ms_1t": r.p90_ms, "mean_ms_1t": r.mean_ms,
                   "speedup_p50": r.speedup_p50, "size_bytes": r.size_bytes, "teacher_p50_ms_1t": teacher["p50_ms"]}
         now = int(pd.Timestamp.now().timestamp() * 1000)

@@ -64,7 +64,7 @@ def main() -> None:
     for path in DEPLOYED.values():
         load_session(path, 1)  # a corrupt model fails here, before minutes of timing
     accuracy = json.loads(ACCURACY.read_text())
-    with tracking.stage_run("benchmark", cfg.model_dump()) as run:
+    with tracking.stage_run("benchmark", cfg.model_dump()):
         result = benchmark(DEPLOYED, BASELINE, x, cfg.threads, cfg.warmup, cfg.runs)
         for name, path in DEPLOYED.items():
             result["models"][name].update(onnx_stats(path))

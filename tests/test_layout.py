@@ -209,3 +209,11 @@ def test_editing_a_kd_module_makes_dvc_report_distill_and_descendants_only(tmp_p
     changed = {line.rstrip(":").strip() for line in dvc("status").splitlines()
                if line and not line.startswith(("\t", " ")) and line.rstrip().endswith(":")}
     assert changed == {"distill", "ablation@pqd"}  # export and later change when distill's output does
+
+
+def test_no_undefined_names_or_unused_imports():
+    """Pyflakes' checks (ruff's F rules): a moved function leaves no dangling name behind."""
+    ruff = Path(sys.executable).parent / "ruff"
+    proc = subprocess.run([str(ruff), "check", "--select", "F", "--no-cache", "--output-format", "concise",
+                           *PACKAGES, "tests"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:]

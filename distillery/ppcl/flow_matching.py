@@ -125,7 +125,7 @@ def sample(model: Denoiser, tokens: torch.Tensor, noise: torch.Tensor, steps: in
            guidance: float = 1.0) -> torch.Tensor:
     """Euler integration from `noise` (t = 1) to an image (t = 0); `guidance` > 1 is classifier-free
     guidance against the empty caption, both branches in one batch."""
-    x, n = noise.clone(), len(noise)
+    x = noise.clone()
     tokens = torch.as_tensor(tokens)
     if guidance != 1.0:
         tokens = torch.cat([tokens, torch.zeros_like(tokens)])

@@ -209,3 +209,10 @@ def test_missing_metrics_and_unknown_files_are_clear_errors(project, tmp_path):
         register_models("pqd", root, parent, models={**DEPLOYED, "extra": DEPLOYED["teacher"]})
     with pytest.raises(RegistryError, match="evaluate.json: missing"):
         register_models("pqd", tmp_path, parent, models=DEPLOYED)
+
+
+def test_only_a_recipe_that_deploys_models_registers_them(project):
+    """PPCL's or the ablation's name never labels PQD's files in the registry."""
+    for recipe in ("ppcl", "ablation", "nonsense"):
+        with pytest.raises(RegistryError, match=f"recipe '{recipe}' deploys no models to register"):
+            register_models(recipe, project[0])

@@ -1,5 +1,4 @@
 """The order ablation's algorithm on a toy net: every order ends sparse and INT8, in ONNX too."""
-import numpy as np
 import onnx
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """QAT: BN folding, fake-quant with STE, fixed masks, checkpoints, and the INT8 ONNX that ORT fuses."""
 import collections
-import copy
 import io
 
 import numpy as np

@@ -32,7 +32,7 @@ install-dev: $(VENV)/.installed-dev
 init: $(VENV)/.installed
 	@[ -d .dvc ] || $(BIN)/dvc init -q
 	@mkdir -p .dvc-remote .prefect .distillery
-	@$(BIN)/python -c "from tasks.tracking import init_mlflow; init_mlflow()"
+	@$(BIN)/python -c "from distillery.core.tracking import init_mlflow; init_mlflow()"
 
 run: init
 	$(BIN)/distillery run pqd

@@ -72,3 +72,35 @@ def test_prune_quantized_counts_earlier_zeros():
 
 def test_the_params_schema_allows_exactly_the_chains_orders():
     assert ABLATION_ORDERS == ORDERS
+
+
+def test_the_chains_pqd_is_the_recipes_steps_in_order(setup):
+    """run_order("pqd") gives bit for bit the model that the prune, quantize and distill stages' calls give."""
+    from distillery.compress.kd import distill
+    from distillery.compress.pruning import finetune_pruned, prune
+    from distillery.compress.qat import quantize_aware_train
+    teacher, train, val, example = setup
+    calib = train[0][:32]
+    chained = run_order(teacher, "pqd", CFG, train, val, calib, example, seed=3)
+    fit = lambda epochs, lr: FitConfig(epochs=epochs, lr=lr, batch_size=CFG.batch_size, patience=epochs, seed=3)  # noqa: E731
+    torch.manual_seed(3)
+    model, mask = prune(teacher, "unstructured", CFG.sparsity, example)
+    finetune_pruned(model, mask, train, val, fit(CFG.prune_epochs, CFG.prune_lr))
+    model = quantize_aware_train(model, mask, train, val, calib, example, fit(CFG.qat_epochs, CFG.qat_lr),
+                                 CFG.freeze_observers_epoch)
+    stepwise, _ = distill(model, teacher, train, val, fit(CFG.kd_epochs, CFG.kd_lr), CFG.temperature, CFG.alpha)
+    a, b = chained.state_dict(), stepwise.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_distillation_keeps_the_activation_grid_that_qat_set(setup):
+    from distillery.compress.kd import distill
+    from distillery.compress.qat import act_quantizers
+    teacher, train, val, example = setup
+    qat = prepare_qat(teacher, example)
+    calibrate(qat, torch.from_numpy(train[0][:32]))
+    before = [(q.min_val.clone(), q.max_val.clone()) for q in act_quantizers(qat)]
+    student, _ = distill(qat, teacher, train, val, FitConfig(epochs=1, lr=0.01, batch_size=32), 4.0, 0.7)
+    after = [(q.min_val, q.max_val) for q in act_quantizers(student)]
+    assert all(torch.equal(a0, a1) and torch.equal(b0, b1) for (a0, b0), (a1, b1) in zip(before, after))
+    assert any(not torch.equal(p0, p1) for p0, p1 in zip(qat.parameters(), student.parameters()))  # it did train

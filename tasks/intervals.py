@@ -10,7 +10,6 @@ of blocks removed as the `ablation_ratio` variant is the ablation's. Writes
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -20,72 +19,11 @@ from distillery.core.params import load_section
 from distillery.core.errors import run_stage
 from distillery.core.plotting import pyplot, save_figure
 from distillery.models import load_model
-from distillery.ppcl.intervals import variant_name
+from distillery.ppcl.probes import rebuild_probes
+from distillery.ppcl.selection import choose
 from distillery.ppcl.students import load_probe_file
-from tasks.paths import INTERVALS, PPCL_TEACHER as TEACHER, PROBES
+from tasks.paths import CKA_PLOT as PLOT, INTERVALS, PPCL_TEACHER as TEACHER, PROBES
 
-PLOT = "reports/ppcl_cka.png"
-
-
-def ratio_key(ratio: float) -> str:
-    return f"{ratio:g}"
-
-
-def rebuild_probes(ckpt: dict, dim: int):
-    from distillery.models.mmdit import ResidualLinear
-    from distillery.ppcl.adapter import StreamwiseBlock
-    probes = []
-    for state in ckpt["probes"]:
-        block = StreamwiseBlock([ResidualLinear(dim) for _ in ckpt["streams"]], uses_cond=True)
-        block.load_state_dict(state)
-        probes.append(block.eval())
-    return probes
-
-
-def _clean(a: np.ndarray) -> list:
-    return [[None if not math.isfinite(v) else float(v) for v in row] for row in np.asarray(a, dtype=float)]
-
-
-def n_removed(intervals, student: bool = True) -> int:
-    from distillery.ppcl.intervals import removed
-    return sum(removed(tuple(iv), student) for iv in intervals)
-
-
-def choose(table: np.ndarray, trace, adapter, cfg) -> dict:
-    """Every selection the menu and the report need, from the cka table (pure)."""
-    from distillery.ppcl.intervals import (angular_candidates, bi_candidates, block_influence, contiguous_intervals,
-                                      delta, pcl_candidates, select_intervals, threshold_intervals)
-    n = table.shape[0] - 1
-    cands = pcl_candidates(table, cfg.min_len, cfg.max_len)
-    selected = {ratio_key(r): [list(iv) for iv in select_intervals(cands, n, r)] for r in cfg.ratios}
-    target = n_removed(selected[ratio_key(cfg.ablation_ratio)])
-    thr = threshold_intervals(table, cfg.cka_threshold, cfg.min_len, cfg.max_len)
-    ablation = [list(iv) for iv in select_intervals(thr, n, target / n)] if thr else []
-    bi = block_influence(trace, adapter)
-    students = sorted({tuple(iv) for s in selected.values() for iv in s})
-    return {
-        "n_blocks": n,
-        "table": _clean(table),
-        "delta": _clean(delta(table)),
-        "intervals": [list(iv) for iv in contiguous_intervals(table, cfg.min_len, cfg.max_len)],
-        "candidates": [{"u": c.u, "v": c.v, "cost": c.cost} for c in cands],
-        "selected": selected,
-        "removed": {k: n_removed(v) for k, v in selected.items()},
-        "variants": {variant_name(r): ratio_key(r) for r in cfg.ratios},
-        "students": [list(iv) for iv in students],
-        "ablation": {"selector": f"cka_threshold {cfg.cka_threshold:g}", "distillation": "sequential",
-                     "ratio": cfg.ablation_ratio, "intervals": ablation, "removed": n_removed(ablation),
-                     "target_removed": target},
-        "baselines": {
-            "block_influence": [float(b) for b in bi],
-            "block_influence_drop": {ratio_key(r): [list(iv) for iv in select_intervals(bi_candidates(trace, adapter), n, r,
-                                                                                       student=False)]
-                                     for r in cfg.ratios},
-            "angular_distance": {str(k): [{"u": c.u, "v": c.v, "cost": c.cost} for c in angular_candidates(trace, adapter, k)]
-                                 for k in range(cfg.min_len, min(cfg.max_len, n) + 1)},
-            "cka_threshold": [{"u": c.u, "v": c.v, "cost": c.cost} for c in thr],
-        },
-    }
 
 
 def plot(table: np.ndarray, chosen: dict, path) -> None:

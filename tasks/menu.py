@@ -28,8 +28,8 @@ from distillery.ppcl.digits import grouped_by_digit, load_classifier, prompts, s
 from distillery.ppcl.intervals import variant_name
 from distillery.ppcl.students import load_students
 from tasks.paths import (INTERVALS, MENU_REPORT as REPORT, PPCL_ONNX as ONNX_DIR, PPCL_REPORTS as REPORTS,
-                         PPCL_TEACHER as TEACHER, PREPARED, SEQUENTIAL, STUDENTS, TEACHER as CLASSIFIER, WIDTH)
-METRICS = "metrics/ppcl_menu.json"
+                         PPCL_TEACHER as TEACHER, PREPARED, SEQUENTIAL, STUDENTS, TEACHER as CLASSIFIER, WIDTH, metrics)
+METRICS = metrics("ppcl_menu")
 BASELINE = "teacher"
 GRIDS = REPORTS / "menu"  # reports/ppcl/teacher_samples.png belongs to ppcl_teacher
 

@@ -35,6 +35,7 @@ SEQUENTIAL = PPCL / "sequential"
 WIDTH = PPCL / "width.pt"
 PPCL_ONNX = PPCL / "onnx"
 INTERVALS = Path("reports/ppcl_intervals.json")
+CKA_PLOT = Path("reports/ppcl_cka.png")
 PPCL_REPORTS = Path("reports/ppcl")
 MENU_REPORT = Path("reports/ppcl_menu")  # .md, .csv, .png
 

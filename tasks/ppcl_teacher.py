@@ -14,9 +14,9 @@ from distillery.core.artifacts import save_checkpoint, write_json
 from distillery.core.params import load_section
 from distillery.core.errors import run_stage
 from distillery.ppcl.digits import diffusion_data, grouped_by_digit, load_classifier, prompts, save_grid
-from tasks.paths import PPCL_REPORTS as REPORTS, PPCL_TEACHER as TEACHER, PREPARED, TEACHER as CLASSIFIER
+from tasks.paths import PPCL_REPORTS as REPORTS, PPCL_TEACHER as TEACHER, PREPARED, TEACHER as CLASSIFIER, metrics
 
-METRICS = "metrics/ppcl_teacher.json"
+METRICS = metrics("ppcl_teacher")
 
 
 def model_spec(cfg) -> dict:

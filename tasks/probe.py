@@ -14,9 +14,9 @@ from distillery.core.params import load_section
 from distillery.core.errors import run_stage
 from distillery.models import load_model
 from distillery.ppcl.digits import diffusion_data
-from tasks.paths import PPCL_TEACHER as TEACHER, PREPARED, PROBES
+from tasks.paths import PPCL_TEACHER as TEACHER, PREPARED, PROBES, metrics
 
-METRICS = "metrics/ppcl_probe.json"
+METRICS = metrics("ppcl_probe")
 
 
 def main() -> None:

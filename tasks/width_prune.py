@@ -17,9 +17,9 @@ from distillery.core.errors import ArtifactError, run_stage
 from distillery.models import load_model
 from distillery.ppcl.digits import diffusion_data
 from distillery.ppcl.students import load_students
-from tasks.paths import INTERVALS, PPCL_TEACHER as TEACHER, PREPARED, STUDENTS, WIDTH
+from tasks.paths import INTERVALS, PPCL_TEACHER as TEACHER, PREPARED, STUDENTS, WIDTH, metrics
 
-METRICS = "metrics/ppcl_width.json"
+METRICS = metrics("ppcl_width")
 
 
 def base_intervals(chosen: dict, base_ratio: float) -> list[tuple[int, int]]:

@@ -80,3 +80,13 @@ def fit_probes(trace: Trace, adapter: Adapter, cfg: ProbeConfig = ProbeConfig())
             mods.append(probe)
         probes.append(StreamwiseBlock(mods, adapter.uses_cond))
     return probes, errors
+
+
+def rebuild_probes(ckpt: dict, dim: int) -> list[StreamwiseBlock]:
+    """The fitted probes of a probe file (`{"probes": [state dicts], "streams": [...]}`) for hidden size `dim`."""
+    probes = []
+    for state in ckpt["probes"]:
+        block = StreamwiseBlock([ResidualLinear(dim) for _ in ckpt["streams"]], uses_cond=True)
+        block.load_state_dict(state)
+        probes.append(block.eval())
+    return probes

@@ -2,6 +2,8 @@
 distils one interval in its own process (a regular module, so that spawned workers can import it)."""
 from __future__ import annotations
 
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -20,9 +22,11 @@ def interval_name(iv: Interval) -> str:
     return f"{iv[0]}_{iv[1]}"
 
 
-def save_student(path: Path, block: nn.Module, interval: Interval, **extra) -> None:
+def save_student(path: Path, state: dict, interval: Interval, initial: float, final: float, kind: str) -> None:
+    """One student's weights and its loss before and after training, written atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save({"interval": list(interval), "state_dict": block.state_dict(), **extra}, f)
+        torch.save({"interval": list(interval), "state_dict": state, "loss_initial": initial, "loss_final": final,
+                    "kind": kind}, f)
 
 
 def load_students(folder: Path, teacher: nn.Module, adapter, intervals) -> dict[Interval, nn.Module]:
@@ -73,3 +77,28 @@ def distill_worker(job: dict) -> dict:
     seq = distill_sequential(teacher, MMDIT, tr, [tuple(i) for i in job["intervals"]], job["cfg"])
     return {"kind": "sequential",
             "results": {iv: (s.state_dict(), h.initial, h.final) for iv, (s, h) in seq.items()}}
+
+
+def jobs(teacher: Path | str, tr: Trace, students, sequential, cfg) -> list[dict]:
+    """One job per independent interval, plus one for the sequential chain; each carries only its states.
+
+    `teacher` is the checkpoint each worker loads the teacher from.
+    """
+    out = [{"kind": "interval", "teacher": str(teacher), "intervals": [list(iv)], "cond": tr.cond, "cfg": cfg,
+            "states": {iv[0]: tr.hidden[iv[0]], iv[1]: tr.hidden[iv[1]]}} for iv in students]
+    if sequential:
+        need = {0} | {v for _, v in sequential}
+        out.append({"kind": "sequential", "teacher": str(teacher), "intervals": [list(iv) for iv in sequential],
+                    "cond": tr.cond, "cfg": cfg, "states": {i: tr.hidden[i] for i in need}})
+    return out
+
+
+def run_jobs(all_jobs: list[dict], workers: int) -> list[dict]:
+    """Jobs in `workers` processes at once (spawned: no OpenMP state forked), or in this one for 1."""
+    if workers <= 1 or len(all_jobs) <= 1:
+        return [distill_worker(j) for j in all_jobs]
+    # longest first: the sequential chain holds several intervals
+    order = sorted(range(len(all_jobs)), key=lambda i: -len(all_jobs[i]["intervals"]))
+    with ProcessPoolExecutor(max_workers=min(workers, len(all_jobs)), mp_context=get_context("spawn")) as pool:
+        futures = {i: pool.submit(distill_worker, all_jobs[i]) for i in order}
+        return [futures[i].result() for i in range(len(all_jobs))]

@@ -91,7 +91,7 @@ def test_classifier_preprocess_maps_samples_to_the_classifiers_input(tmp_path, m
 def test_intervals_choice_has_every_selection_and_a_matched_ablation():
     from types import SimpleNamespace
 
-    from tasks.intervals import choose
+    from distillery.ppcl.selection import choose
     from distillery.ppcl.cka import cka_table
     from distillery.ppcl.probes import fit_probes
     teacher = tiny_teacher()
@@ -114,7 +114,7 @@ def test_intervals_choice_has_every_selection_and_a_matched_ablation():
 def test_variant_assembles_from_students_trained_in_separate_calls_without_training(tmp_path, monkeypatch):
     """Two students, each from its own distill call and saved to its own file, plug into the teacher
     together: no optimizer step, weights exactly as saved, two blocks fewer."""
-    from tasks.depth_distill import save_student_state
+    from distillery.ppcl.students import save_student
     from tasks.menu import assemble_menu
     from tasks.paths import STUDENTS
     teacher = tiny_teacher()
@@ -125,7 +125,7 @@ def test_variant_assembles_from_students_trained_in_separate_calls_without_train
     for iv in [(0, 2), (2, 4)]:  # separate calls: neither student ever saw the other
         student, hist = distill_interval(teacher, MMDIT, tr, iv, cfg)
         saved[iv] = {k: v.clone() for k, v in student.state_dict().items()}
-        save_student_state(STUDENTS / f"{iv[0]}_{iv[1]}.pt", student.state_dict(), iv, hist.initial, hist.final,
+        save_student(STUDENTS / f"{iv[0]}_{iv[1]}.pt", student.state_dict(), iv, hist.initial, hist.final,
                            "independent")
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     chosen = {"variants": {"ppcl50": "0.5", "ppcl25": "0.25"}, "selected": {"0.5": [[0, 2], [2, 4]], "0.25": [[2, 4]]},
@@ -152,14 +152,13 @@ def test_variant_assembles_from_students_trained_in_separate_calls_without_train
 
 def test_distill_worker_runs_one_interval_from_only_its_states(tmp_path):
     from distillery.core.artifacts import save_checkpoint
-    from tasks.depth_distill import jobs, run_jobs
+    from distillery.ppcl.students import jobs, run_jobs
     teacher = tiny_teacher()
     tr = tiny_trace(teacher)
     path = tmp_path / "teacher.pt"
     save_checkpoint(path, teacher, SPEC)
-    all_jobs = jobs(tr, [(0, 2)], [(1, 3)], DistillConfig(steps=2, batch_size=8))
-    for j in all_jobs:
-        j["teacher"] = str(path)
+    all_jobs = jobs(path, tr, [(0, 2)], [(1, 3)], DistillConfig(steps=2, batch_size=8))
+    assert all(j["teacher"] == str(path) for j in all_jobs)
     assert set(all_jobs[0]["states"]) == {0, 2}
     results = run_jobs(all_jobs, workers=1)
     assert [r["kind"] for r in results] == ["interval", "sequential"]

@@ -69,11 +69,13 @@ def tag_stage_run(parent_run_id: str, stage: str, tags: dict[str, str]) -> str |
     return runs[0].info.run_id
 
 
-@task(task_run_name="{stage}", retries=0)
-def run_stage(root: Path, stage: str, parent_run_id: str):
-    """Reproduce one DVC stage if DVC says it changed; otherwise report it as skipped."""
+def reproduce_stage(root: Path, stage: str, parent_run_id: str) -> tuple[str, str | None]:
+    """`dvc repro --single-item <stage>` under the parent run; (EXECUTED | SKIPPED | RESTORED, the stage's run id).
+
+    The stage's own process opens its nested MLflow run (it finds the parent in the environment);
+    this tags that run with the md5s DVC recorded for its deps and outs.
+    """
     from dvc.repo import Repo
-    logger = get_run_logger()
     logging.getLogger("dvc").propagate = False  # DVC prints its own progress; Prefect's handler would repeat it
     logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)  # "git add dvc.lock" hints after each stage
     env_bin = str(Path(sys.executable).parent)
@@ -82,10 +84,20 @@ def run_stage(root: Path, stage: str, parent_run_id: str):
     with Repo(str(root)) as repo:
         ran = repo.reproduce(stage, single_item=True)
     if not ran:
+        return SKIPPED, None
+    run_id = tag_stage_run(parent_run_id, stage, lineage_tags(lock_entry(root, stage)))
+    return (EXECUTED, run_id) if run_id else (RESTORED, None)  # no run: DVC's run-cache restored the outputs
+
+
+@task(task_run_name="{stage}", retries=0)
+def run_stage(root: Path, stage: str, parent_run_id: str):
+    """Reproduce one DVC stage if DVC says it changed; otherwise report it as skipped."""
+    logger = get_run_logger()
+    outcome, run_id = reproduce_stage(root, stage, parent_run_id)
+    if outcome == SKIPPED:
         logger.info("%s: unchanged (deps, params and outs match dvc.lock), not re-executed", stage)
         return Completed(name="Skipped", message=f"{stage}: unchanged, reused from the DVC cache", data=SKIPPED)
-    run_id = tag_stage_run(parent_run_id, stage, lineage_tags(lock_entry(root, stage)))
-    if run_id is None:  # DVC's run-cache had these exact deps and params: outputs checked out, no command ran
+    if outcome == RESTORED:
         logger.info("%s: restored from DVC's run-cache, not re-executed", stage)
         return Completed(name="Restored", message=f"{stage}: outputs restored from DVC's run-cache", data=RESTORED)
     logger.info("%s: executed (MLflow run %s)", stage, run_id)

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import mlflow
@@ -11,10 +12,10 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.dvc_stages import lineage_tags, lock_entry, stage_order, tag_stage_run
+from flows.dvc_stages import reproduce_stage, stage_order
 from flows.lineage import trace, verify
+from flows.pipeline import recipe_run
 from repos import init_git_dvc
-from distillery.core import tracking
 
 DVC_YAML = {"stages": {
     "prepare": {"cmd": "python src/prepare.py", "deps": ["src/prepare.py", "data/raw"], "params": ["prepare"],
@@ -24,7 +25,7 @@ DVC_YAML = {"stages": {
     "export": {"cmd": "python src/export.py", "deps": ["src/export.py", "models/teacher.pt", "data/prepared/test.txt"],
                "outs": ["models/teacher.fp32.onnx"]},
 }}
-SCRIPTS = {  # stdlib + yaml only: each stage runs in a fraction of a second
+BODIES = {  # stdlib + yaml only: each stage's work takes a fraction of a second
     "prepare": "import pathlib, yaml\n"
                "n = yaml.safe_load(open('params.yaml'))['prepare']['repeat']\n"
                "raw = ''.join(f.read_text() for f in sorted(pathlib.Path('data/raw').iterdir()))\n"
@@ -37,6 +38,13 @@ SCRIPTS = {  # stdlib + yaml only: each stage runs in a fraction of a second
     "export": "import pathlib\n"
               "pathlib.Path('models/teacher.fp32.onnx').write_bytes(b'onnx' + open('models/teacher.pt', 'rb').read()[::-1])\n",
 }
+
+
+SCRIPTS = {  # each stand-in stage records its nested MLflow run as the real stages do
+    name: "import yaml\nfrom distillery.core.tracking import stage_run\n"
+          f"with stage_run({name!r}, yaml.safe_load(open('params.yaml')).get({name!r}, {{}})):\n"
+          + textwrap.indent(body, "    ")
+    for name, body in BODIES.items()}
 
 
 def make_project(root: Path) -> Path:
@@ -54,27 +62,14 @@ def make_project(root: Path) -> Path:
 
 
 def run_pipeline(root: Path, recipe: str = "pqd") -> dict[str, str]:
-    """What flows/pipeline.py does, minus Prefect: a parent run; per changed stage `dvc repro --single-item`,
-    the stage's own nested run (distillery.core.tracking.stage_run) and dvc.lock's md5s as its tags. Returns stage -> run id."""
-    from dvc.repo import Repo
-    tracking.init_mlflow(root)
-    client = mlflow.MlflowClient()
-    parent = client.create_run(mlflow.get_experiment_by_name(tracking.experiment_name()).experiment_id, run_name=recipe,
-                               tags={"distillery.kind": "pipeline", "distillery.recipe": recipe,
-                                     "git.commit": tracking.git_commit(root)}).info.run_id
-    os.environ[tracking.PARENT_ENV] = parent
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    """The pipeline flow's own steps (its parent run, DVC's order, `reproduce_stage`) minus Prefect's task
+    wrapper; each stand-in stage opens its nested run as the real stages do. Returns stage -> run id."""
     runs = {}
-    try:
-        with Repo(str(root)) as repo:
-            for stage in stage_order(root, ["export"]):
-                if repo.reproduce(stage, single_item=True):
-                    with tracking.stage_run(stage, params.get(stage, {})):
-                        pass
-                    runs[stage] = tag_stage_run(parent, stage, lineage_tags(lock_entry(root, stage)))
-    finally:
-        os.environ.pop(tracking.PARENT_ENV)
-        client.set_terminated(parent)
+    with recipe_run(recipe, root) as (parent, outcome):
+        for stage in stage_order(root, ["export"]):
+            outcome[stage], run_id = reproduce_stage(root, stage, parent)
+            if run_id:
+                runs[stage] = run_id
     return runs
 
 

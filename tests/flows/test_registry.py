@@ -3,19 +3,19 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import mlflow
-import onnx
 import pytest
 import yaml
 
-from flows.dvc_stages import lineage_tags, lock_entry, stage_order, tag_stage_run
+from flows.dvc_stages import reproduce_stage, stage_order
+from flows.pipeline import recipe_run
 from flows.lineage import lineage
 from flows.registry import (CHAMPION, Headline, RegistryError, pick_champion, register_models,
                             registered_name)
 from repos import init_git_dvc
-from distillery.core import tracking
 
 DEPLOYED = {"teacher": "models/teacher.fp32.onnx", "pruned": "models/pqd/pruned.fp32.onnx",
             "quantized": "models/pqd/quantized.int8.onnx", "distilled": "models/pqd/student.int8.onnx"}
@@ -30,7 +30,7 @@ DVC_YAML = {"stages": {
     "benchmark": {"cmd": "python src/benchmark.py", "deps": ["src/benchmark.py", *ONNX], "params": ["benchmark"],
                   "metrics": [{"metrics/benchmark.json": {"cache": False}}]},
 }}
-SCRIPTS = {
+BODIES = {
     "export": "import pathlib, onnx, yaml\nfrom onnx import helper, TensorProto\n"
               f"DEPLOYED = {DEPLOYED!r}\n"
               "seed = yaml.safe_load(open('params.yaml'))['export']['seed']\n"
@@ -39,7 +39,10 @@ SCRIPTS = {
               "    y = helper.make_tensor_value_info('y', TensorProto.FLOAT, [1, 4])\n"
               "    graph = helper.make_graph([helper.make_node('Identity', ['x'], ['y'])], f'{name}-{seed}', [x], [y])\n"
               "    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)\n"
-              "    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 18)]), path)\n",
+              "    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 18)]), path)\n"
+              "import mlflow\n"  # as export's tracking.log_onnx_model does, minus the slow requirement inference
+              f"for name in {LOGGED_BY_EXPORT!r}:\n"
+              "    mlflow.onnx.log_model(onnx.load(DEPLOYED[name]), name=name, pip_requirements=['onnx', 'onnxruntime'])\n",
     "evaluate": "import json, pathlib, yaml\nacc = yaml.safe_load(open('params.yaml'))['evaluate']['accuracy']\n"
                 "pathlib.Path('metrics').mkdir(exist_ok=True)\n"
                 "json.dump({m: {'accuracy': a, 'n': 100} for m, a in acc.items()}, open('metrics/evaluate.json', 'w'))\n",
@@ -52,6 +55,12 @@ SCRIPTS = {
                  "pathlib.Path('metrics').mkdir(exist_ok=True)\n"
                  "json.dump({'models': models, 'cpu': {'cpu_model': 'test'}}, open('metrics/benchmark.json', 'w'))\n",
 }
+
+
+SCRIPTS = {  # each stand-in stage records its nested MLflow run as the real stages do
+    name: "import yaml\nfrom distillery.core.tracking import stage_run\n"
+          f"with stage_run({name!r}, {{}}):\n" + textwrap.indent(body, "    ")
+    for name, body in BODIES.items()}
 
 
 def set_params(root: Path, **sections) -> None:
@@ -73,27 +82,14 @@ def make_project(root: Path) -> Path:
 
 
 def run_pipeline(root: Path, recipe: str = "pqd") -> tuple[str, dict[str, str]]:
-    """flows/pipeline.py minus Prefect: a parent run; per changed stage `dvc repro --single-item`, its nested run
-    (distillery.core.tracking.stage_run; export logs its ONNX models) tagged with dvc.lock's md5s. Returns (parent, stage -> run)."""
-    from dvc.repo import Repo
-    tracking.init_mlflow(root)
-    client = mlflow.MlflowClient()
-    parent = client.create_run(mlflow.get_experiment_by_name(tracking.experiment_name()).experiment_id, run_name=recipe,
-                               tags={"distillery.kind": "pipeline", "distillery.recipe": recipe}).info.run_id
-    os.environ[tracking.PARENT_ENV] = parent
+    """The pipeline flow's own steps (its parent run, DVC's order, `reproduce_stage`) minus Prefect's task
+    wrapper; each stand-in stage opens its nested run as the real stages do. Returns (parent, stage -> run)."""
     runs = {}
-    try:
-        with Repo(str(root)) as repo:
-            for stage in stage_order(root, ["evaluate", "benchmark"]):
-                if repo.reproduce(stage, single_item=True):
-                    with tracking.stage_run(stage, {}):
-                        for name in LOGGED_BY_EXPORT if stage == "export" else ():  # as tracking.log_onnx_model does,
-                            mlflow.onnx.log_model(onnx.load(root / DEPLOYED[name]), name=name,  # minus the slow
-                                                  pip_requirements=["onnx", "onnxruntime"])  # requirement inference
-                    runs[stage] = tag_stage_run(parent, stage, lineage_tags(lock_entry(root, stage)))
-    finally:
-        os.environ.pop(tracking.PARENT_ENV)
-        client.set_terminated(parent)
+    with recipe_run(recipe, root) as (parent, outcome):
+        for stage in stage_order(root, ["evaluate", "benchmark"]):
+            outcome[stage], run_id = reproduce_stage(root, stage, parent)
+            if run_id:
+                runs[stage] = run_id
     return parent, runs
 
 

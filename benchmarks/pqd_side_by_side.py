@@ -42,6 +42,9 @@ def build_pqd(method: str, teacher, meta, train, val, calib_x) -> Path:
     """Prune (method), QAT, distill from the teacher with the recipe's params; export the INT8 student."""
     example = torch.zeros(input_shape(meta))
     p, q, d = (load_section(s) for s in ("prune", "quantize", "distill"))
+    if len({p.batch_size, q.batch_size, d.batch_size}) > 1 or len({p.seed, q.seed, d.seed}) > 1:
+        sys.exit("the chain uses one batch_size and one seed for P, Q and D: make prune, quantize and distill agree "
+                 f"(batch_size {p.batch_size}/{q.batch_size}/{d.batch_size}, seed {p.seed}/{q.seed}/{d.seed})")
     cfg = ChainConfig(method=method, sparsity=p.sparsity, ratio=p.ratio, prune_epochs=p.finetune_epochs,
                       qat_epochs=q.epochs, kd_epochs=d.epochs, prune_lr=p.lr, qat_lr=q.lr, kd_lr=d.lr,
                       batch_size=q.batch_size, temperature=d.temperature, alpha=d.alpha,

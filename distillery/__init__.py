@@ -9,7 +9,7 @@ MLflow, Prefect or DVC (`distillery.core` holds the plumbing the pipeline's stag
 - `distillery.models`, `distillery.data`, `distillery.training`, `distillery.onnx_export`,
   `distillery.latency`: the model zoo, data loaders, the training loop, export and CPU timing.
 
-Package `__init__` files import nothing: a module's imports are exactly what it uses, so the
-pipeline's code dependencies (dvc.yaml) stay exact and small.
+Package `__init__` files import nothing (but `models/__init__`, which registers the zoo): a module's
+imports are exactly what it uses, so the pipeline's code dependencies (dvc.yaml) stay exact and small.
 """
 __version__ = "0.2.0"

@@ -1,8 +1,10 @@
-"""The `distillery` command: runs the project's command line (`flows/cli.py`) from the project root.
+"""The `distillery` command: runs the project's command line (`flows/cli.py`).
 
 The flows and stages belong to a Distillery project (a folder with `dvc.yaml`, `tasks/` and
-`flows/`), not to the installed library, so this entry point finds the project from the current
-directory upwards, as `git` and `dvc` find theirs, and runs `python -m flows.cli` there.
+`flows/`), not to the installed library. This entry point finds the project's code (from `--root` when
+given, then from the current directory, upwards, as `git` and `dvc` find theirs) and runs
+`python -m flows.cli` with the project on `PYTHONPATH`, in the caller's directory, so relative
+paths in the arguments mean what they meant to the caller.
 """
 from __future__ import annotations
 
@@ -19,11 +21,23 @@ def project_root(start: Path) -> Path | None:
     return None
 
 
+def root_argument(args: list[str]) -> Path | None:
+    """The value of `--root` in `args`, if any."""
+    for i, arg in enumerate(args):
+        if arg == "--root" and i + 1 < len(args):
+            return Path(args[i + 1])
+        if arg.startswith("--root="):
+            return Path(arg.removeprefix("--root="))
+    return None
+
+
 def main() -> None:
-    root = project_root(Path.cwd())
+    args = sys.argv[1:]
+    starts = [p.resolve() for p in (root_argument(args), Path.cwd()) if p is not None]
+    root = next((r for r in map(project_root, starts) if r is not None), None)
     if root is None:
-        print(f"error: {Path.cwd()} is not inside a Distillery project (no dvc.yaml with flows/cli.py here or "
-              "above); cd into the project folder", file=sys.stderr)
+        print(f"error: {starts[0]} is not inside a Distillery project (no dvc.yaml with flows/cli.py there or above); "
+              "cd into the project folder or pass --root", file=sys.stderr)
         sys.exit(2)
-    os.chdir(root)
-    os.execv(sys.executable, [sys.executable, "-m", "flows.cli", *sys.argv[1:]])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    os.execve(sys.executable, [sys.executable, "-m", "flows.cli", *args], env)

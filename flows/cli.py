@@ -50,7 +50,10 @@ def fail(err: Exception, debug: bool) -> None:
 def validate(params: Path = typer.Option(Path("params.yaml"), help="params file to check")) -> None:
     """Check every params.yaml section; print what is wrong, or nothing."""
     try:
-        check_params(params)
+        path = params.resolve()
+        if path.is_file():
+            os.chdir(path.parent)  # paths in params.yaml are relative to its project, as DVC runs them
+        check_params(path)
     except DistilleryError as err:
         fail(err, debug=False)
     typer.echo(f"{params}: ok")

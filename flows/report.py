@@ -137,7 +137,6 @@ def markdown(table: pd.DataFrame) -> str:
 
 def plot(table: pd.DataFrame, path: Path) -> None:
     plt = pyplot()
-
     data = table.dropna(subset=["accuracy", "p50_ms_1t"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (recipe, group), colour in zip(data.groupby("recipe"), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 9):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -32,10 +33,7 @@ def main() -> None:
     order = sys.argv[1]
     cfg = load_section("ablation").for_order(order)
     opset = load_section("export").opset
-    chain = ChainConfig(sparsity=cfg.sparsity, prune_epochs=cfg.prune_epochs, qat_epochs=cfg.qat_epochs,
-                        kd_epochs=cfg.kd_epochs, prune_lr=cfg.prune_lr, qat_lr=cfg.qat_lr, kd_lr=cfg.kd_lr,
-                        batch_size=cfg.batch_size, temperature=cfg.temperature, alpha=cfg.alpha,
-                        freeze_observers_epoch=cfg.freeze_observers_epoch)
+    chain = ChainConfig(**{f.name: getattr(cfg, f.name) for f in fields(ChainConfig) if f.name in type(cfg).model_fields})
     meta, train, val, (x_test, y_test) = load_prepared(PREPARED)
     teacher, _ = load_model(TEACHER)
     example = torch.zeros(input_shape(meta))

@@ -20,7 +20,7 @@ from distillery.core.plotting import pyplot, save_figure
 from distillery.data import load_split
 from distillery.latency import benchmark
 from distillery.onnx_export import load_session, onnx_stats
-from tasks.paths import DEPLOYED, PQD_REPORT as REPORT, PREPARED, metrics
+from tasks.paths import DEPLOYED, PQD_REPORT as REPORT, PQD_TRADEOFF, PREPARED, metrics
 
 METRICS = metrics("benchmark")
 ACCURACY = metrics("evaluate")
@@ -78,13 +78,10 @@ def main() -> None:
                    + df.to_markdown(index=False, floatfmt=".3f") + f"\n\n{caption}\n")
         with atomic_path(REPORT.with_suffix(".csv")) as tmp:
             df.to_csv(tmp, index=False)
-        plot(df, cpu["cpu_model"], REPORT.parent / "pqd_tradeoff.png")
-        import mlflow
-        mlflow.set_tags({f"cpu.{k}": v for k, v in cpu.items()})
+        plot(df, cpu["cpu_model"], PQD_TRADEOFF)
+        tracking.set_tags({f"cpu.{k}": str(v) for k, v in cpu.items()})
         tracking.log_metrics(result["models"])
-        for suffix in (".md", ".csv"):
-            mlflow.log_artifact(str(REPORT.with_suffix(suffix)), artifact_path="reports")
-        mlflow.log_artifact(str(REPORT.parent / "pqd_tradeoff.png"), artifact_path="reports")
+        tracking.log_artifacts([REPORT.with_suffix(".md"), REPORT.with_suffix(".csv"), PQD_TRADEOFF], "reports")
         print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         print(caption)
 

@@ -14,7 +14,6 @@ import json
 import os
 import time
 
-
 from distillery.core.artifacts import write_json
 from distillery.core.params import load_section
 from distillery.core.errors import run_stage

@@ -10,7 +10,6 @@ of blocks removed as the `ablation_ratio` variant is the ablation's. Writes
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
@@ -23,7 +22,6 @@ from distillery.ppcl.probes import rebuild_probes
 from distillery.ppcl.selection import choose
 from distillery.ppcl.students import load_probe_file
 from tasks.paths import CKA_PLOT as PLOT, INTERVALS, PPCL_TEACHER as TEACHER, PROBES
-
 
 
 def plot(table: np.ndarray, chosen: dict, path) -> None:

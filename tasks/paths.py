@@ -1,7 +1,7 @@
 """Where every artifact of the project lives, relative to the project root: the one place a path is named.
 
 `dvc.yaml` names the same files as each stage's deps and outs (DVC needs them there);
-`tests/tasks/test_paths.py` checks that the two agree. Stages, flows and benchmarks import
+`tests/tasks/test_paths.py` checks that every path here is one that dvc.yaml names. Stages, flows and benchmarks import
 from here; the library (`distillery`) takes paths as arguments and knows none of these.
 """
 from pathlib import Path
@@ -20,7 +20,8 @@ DEPLOYED = {  # step of the PQD recipe -> its deployed ONNX file (stage export),
     "quantized": Path("models/pqd/quantized.int8.onnx"),
     "distilled": Path("models/pqd/student.int8.onnx"),
 }
-PQD_REPORT = Path("reports/pqd")  # .md, .csv and _tradeoff.png
+PQD_REPORT = Path("reports/pqd")  # .md and .csv
+PQD_TRADEOFF = Path("reports/pqd_tradeoff.png")  # accuracy against latency
 
 ABLATION = Path("models/ablation")  # <order>/seed<k>.int8.onnx
 ABLATION_METRICS = Path("metrics/ablation")  # <order>.json

@@ -217,3 +217,18 @@ def test_no_undefined_names_or_unused_imports():
     proc = subprocess.run([str(ruff), "check", "--select", "F", "--no-cache", "--output-format", "concise",
                            *PACKAGES, "tests"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_the_distillery_command_keeps_the_callers_folder_and_honours_root(tmp_path):
+    """Relative paths mean what they mean to the caller; `--root` names the project from anywhere."""
+    exe = Path(sys.executable).parent / "distillery"
+    shutil.copy(ROOT / "params.yaml", tmp_path / "mine.yaml")
+    here = subprocess.run([str(exe), "validate", "--params", "mine.yaml"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert here.returncode == 2 and "not inside a Distillery project" in here.stderr  # no project here or above
+    rooted = subprocess.run([str(exe), "register", "nonsense", "--root", str(ROOT)], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert rooted.returncode == 2 and "recipe 'nonsense' deploys no models" in rooted.stderr  # flows/cli.py ran
+    inside = subprocess.run([str(exe), "validate", "--params", "../params.yaml"], capture_output=True, text=True,
+                            cwd=ROOT / "tests", timeout=120)
+    assert inside.returncode == 0 and "../params.yaml: ok" in inside.stdout

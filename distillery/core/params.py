@@ -3,7 +3,8 @@
 Each stage reads only its own section through `load_section`; the CLI validates every section at
 once with `load_params` so that a typo stops the run before a single stage executes. The schema
 holds each key's type, range and description (`distillery params` prints them); `params.yaml` is
-the one source of the values, so no key has a default here and a missing one is an error.
+the one source of the values, so no key has a default here (but the optional `prepare.path`) and a
+missing one is an error.
 """
 from __future__ import annotations
 

@@ -39,5 +39,6 @@ def main() -> None:
         print(f"error: {starts[0]} is not inside a Distillery project (no dvc.yaml with flows/cli.py there or above); "
               "cd into the project folder or pass --root", file=sys.stderr)
         sys.exit(2)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+           "DISTILLERY_ROOT": str(root)}  # the default --root of flows/cli.py; an explicit --root wins
     os.execve(sys.executable, [sys.executable, "-m", "flows.cli", *args], env)

@@ -12,6 +12,7 @@ from distillery.core.errors import DistilleryError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress PyTorch models for CPU deployment, reproducibly.")
 RECIPES = ("pqd", "ablation", "ppcl")
+ROOT_ENV = "DISTILLERY_ROOT"  # the project the `distillery` command found: the default --root
 
 
 def embedded_defaults(root: Path) -> None:
@@ -47,8 +48,10 @@ def fail(err: Exception, debug: bool) -> None:
 
 
 @app.command()
-def validate(params: Path = typer.Option(Path("params.yaml"), help="params file to check")) -> None:
+def validate(params: Path = typer.Option(None, help="params file to check [default: the project's params.yaml]")
+             ) -> None:
     """Check every params.yaml section; print what is wrong, or nothing."""
+    params = params or Path(os.environ.get(ROOT_ENV, ".")) / "params.yaml"
     try:
         path = params.resolve()
         if path.is_file():
@@ -61,10 +64,12 @@ def validate(params: Path = typer.Option(Path("params.yaml"), help="params file 
 
 @app.command()
 def params(section: str = typer.Argument(None, help="one section; all when left out"),
-           path: Path = typer.Option(Path("params.yaml"), "--params", help="params file whose values to show")) -> None:
+           path: Path = typer.Option(None, "--params", help="params file whose values to show "
+                                                           "[default: the project's params.yaml]")) -> None:
     """Describe the params: every key's type, allowed range, description and its value in params.yaml."""
     import yaml
     from distillery.core.params import SECTIONS
+    path = path or Path(os.environ.get(ROOT_ENV, ".")) / "params.yaml"
     values = yaml.safe_load(path.read_text()) if path.exists() else {}
     if section is not None and section not in SECTIONS:
         fail(DistilleryError(f"unknown section {section!r}; sections: {', '.join(SECTIONS)}"), debug=False)
@@ -81,7 +86,7 @@ def params(section: str = typer.Argument(None, help="one section; all when left 
 
 @app.command()
 def run(recipe: str = typer.Argument(..., help=f"one of: {', '.join(RECIPES)}"),
-        root: Path = typer.Option(Path("."), help="project folder (holds dvc.yaml and params.yaml)"),
+        root: Path = typer.Option(Path("."), envvar=ROOT_ENV, help="project folder (holds dvc.yaml and params.yaml)"),
         debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
     """Run a recipe as a Prefect flow over its DVC stages; unchanged stages are skipped."""
     root = root.resolve()
@@ -121,7 +126,7 @@ ROOT_HELP = "project folder (holds dvc.yaml and dvc.lock)"
 def lineage(target: str = typer.Argument(..., help="a project path, or a registered model: models:/name/3, "
                                                    "models:/name@champion, or a model name"),
             as_json: bool = typer.Option(False, "--json", help="print the lineage graph as JSON"),
-            root: Path = typer.Option(Path("."), help=ROOT_HELP),
+            root: Path = typer.Option(Path("."), envvar=ROOT_ENV, help=ROOT_HELP),
             debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
     """Print what produced an artifact: md5, stage, params, code and data deps down to the raw data, MLflow run, git commit."""
     from flows.lineage import lineage as trace_lineage, render, to_json
@@ -134,7 +139,7 @@ def lineage(target: str = typer.Argument(..., help="a project path, or a registe
 
 @app.command()
 def verify(target: str = typer.Argument(None, help="a path or registered model; default: everything in dvc.lock"),
-           root: Path = typer.Option(Path("."), help=ROOT_HELP),
+           root: Path = typer.Option(Path("."), envvar=ROOT_ENV, help=ROOT_HELP),
            debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
     """Re-hash every artifact in a lineage chain; exit 1 naming each file that is missing or differs from dvc.lock."""
     from flows.lineage import verify as verify_chain
@@ -151,7 +156,7 @@ def verify(target: str = typer.Argument(None, help="a path or registered model; 
 
 @app.command()
 def register(recipe: str = typer.Argument(..., help=f"one of: {', '.join(RECIPES)}"),
-             root: Path = typer.Option(Path("."), help=ROOT_HELP),
+             root: Path = typer.Option(Path("."), envvar=ROOT_ENV, help=ROOT_HELP),
              parent_run_id: str = typer.Option(None, help="the pipeline's MLflow run the registration belongs to"),
              debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
     """Register the recipe's deployed models in MLflow's registry with lineage tags; move `champion` by its rule."""
@@ -166,7 +171,7 @@ def register(recipe: str = typer.Argument(..., help=f"one of: {', '.join(RECIPES
 
 
 @app.command()
-def report(root: Path = typer.Option(Path("."), help=ROOT_HELP),
+def report(root: Path = typer.Option(Path("."), envvar=ROOT_ENV, help=ROOT_HELP),
            out: Path = typer.Option(Path("reports"), help="folder for summary.md, summary.csv, summary.png"),
            debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
     """Every model of every run in MLflow: a table (markdown, CSV) and accuracy against latency with its Pareto front."""
@@ -179,7 +184,7 @@ def report(root: Path = typer.Option(Path("."), help=ROOT_HELP),
 
 
 @app.command()
-def deploy(root: Path = typer.Option(Path("."), help=ROOT_HELP),
+def deploy(root: Path = typer.Option(Path("."), envvar=ROOT_ENV, help=ROOT_HELP),
            schedules: Path = typer.Option(Path("schedules.yaml"), help="cron schedule per recipe"),
            debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
     """Register each recipe as a scheduled Prefect deployment on a process work pool (server in PREFECT_API_URL)."""
@@ -196,7 +201,7 @@ def deploy(root: Path = typer.Option(Path("."), help=ROOT_HELP),
 
 
 @app.command()
-def serve(root: Path = typer.Option(Path("."), help=ROOT_HELP),
+def serve(root: Path = typer.Option(Path("."), envvar=ROOT_ENV, help=ROOT_HELP),
           schedules: Path = typer.Option(Path("schedules.yaml"), help="cron schedule per recipe"),
           debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
     """Serve every recipe's scheduled deployment from this one process until stopped (server in PREFECT_API_URL)."""

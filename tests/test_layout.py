@@ -232,3 +232,11 @@ def test_the_distillery_command_keeps_the_callers_folder_and_honours_root(tmp_pa
     inside = subprocess.run([str(exe), "validate", "--params", "../params.yaml"], capture_output=True, text=True,
                             cwd=ROOT / "tests", timeout=120)
     assert inside.returncode == 0 and "../params.yaml: ok" in inside.stdout
+
+
+def test_the_distillery_command_works_from_a_subfolder_of_the_project(tmp_path):
+    exe = Path(sys.executable).parent / "distillery"
+    out = subprocess.run([str(exe), "validate"], capture_output=True, text=True, cwd=ROOT / "tests", timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"{ROOT / 'params.yaml'}: ok"
+    out = subprocess.run([str(exe), "params", "export"], capture_output=True, text=True, cwd=ROOT / "tests", timeout=120)
+    assert out.returncode == 0 and "opset = 18" in out.stdout

@@ -13,8 +13,7 @@ import torch
 from distillery.compress.pruning import rebuild_pruned
 from distillery.compress.qat import prepare_qat
 from distillery.core.artifacts import load_checkpoint
-from distillery.core.errors import ArtifactError
-from distillery.models import build_model
+from distillery.models import build_model, load_weights
 
 
 def load_compressed(path: Path | str) -> tuple[torch.nn.Module, dict]:
@@ -25,8 +24,4 @@ def load_compressed(path: Path | str) -> tuple[torch.nn.Module, dict]:
         rebuild_pruned(model, ckpt["shapes"])
     if ckpt.get("qat"):
         model = prepare_qat(model, torch.zeros(ckpt["input_shape"]), ckpt.get("masks"))
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        raise ArtifactError(f"{path}: weights do not fit the model {ckpt['spec']}: {str(err)[:300]}") from None
-    return model.eval(), ckpt
+    return load_weights(model, ckpt, path), ckpt

@@ -30,10 +30,14 @@ def load_model(path: Path | str) -> tuple[nn.Module, dict]:
     ckpt = load_checkpoint(path)
     if ckpt.get("shapes") or ckpt.get("qat"):
         raise ArtifactError(f"{path}: a compressed checkpoint; load it with distillery.compress.checkpoint.load_compressed")
-    model = build_model(ckpt["spec"])
+    return load_weights(build_model(ckpt["spec"]), ckpt, path), ckpt
+
+
+def load_weights(model: nn.Module, ckpt: dict, path: Path | str) -> nn.Module:
+    """`model` (rebuilt from `ckpt`'s spec) with the checkpoint's weights, in eval mode; a mismatch names the file."""
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
         raise ArtifactError(f"{path}: weights do not fit the model {ckpt['spec']}: {str(err)[:300]}") from None
-    return model.eval(), ckpt
+    return model.eval()
 

@@ -1,8 +1,12 @@
 """Data sources (bundled digits, NPZ, image folder, CIFAR python archive, IDX) and the splits.
 
-Every loader returns `(x, y, classes)` with `x` float32 NCHW in [0, 1] and `y` int64; `prepare`
-resizes, splits and standardises. Files from users are parsed defensively: the CIFAR archive is a
-pickle, so it goes through an unpickler that admits only the types that format holds.
+Every source loads as float32 NCHW images in [0, 1], int64 labels and class names; `prepare` fits
+them to one square size the way torchvision's `Resize(size)` + `CenterCrop(size)` does, splits them
+and normalises them. The test split is the user's own `test_path` when there is one, else the
+source's official test files (CIFAR `test_batch`/`test`, IDX `t10k-*`), else a stratified share
+carved from the data. An image folder is fitted image by image while it is read, so a folder of
+big photos never sits in memory at full size. Files from users are parsed defensively: the CIFAR
+archive is a pickle, so it goes through an unpickler that admits only the types that format holds.
 """
 from __future__ import annotations
 
@@ -12,12 +16,15 @@ import io
 import json
 import pickle
 import tarfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from distillery.core.errors import DataError
 
+Files = dict[str, tuple[np.ndarray, np.ndarray]]  # file (or batch) name -> (x, y): an official test split is whole files
 
 
 def load_digits_bundled() -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -28,21 +35,26 @@ def load_digits_bundled() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return x, d.target.astype(np.int64), [str(i) for i in range(10)]
 
 
+def _channels_last(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 4 and shape[-1] in (1, 3) and shape[1] not in (1, 3)
+
+
 def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """An NPZ with `x` (N,H,W), (N,H,W,C) or (N,C,H,W) and integer labels `y`."""
+    """An NPZ with `x` (N,H,W), (N,H,W,C) or (N,C,H,W), integer labels `y` and, optionally, class names `classes`."""
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = {"x", "y"} - set(f.files)
             if missing:
                 raise DataError(f"{path}: NPZ lacks array(s) {sorted(missing)}; it needs 'x' (images) and 'y' (labels)")
             x, y = f["x"], f["y"]
+            names = [str(c) for c in f["classes"]] if "classes" in f.files else None
     except (OSError, ValueError, EOFError) as err:
         if isinstance(err, DataError):
             raise
         raise DataError(f"{path}: not a readable NPZ file ({err}); save one with numpy.savez(path, x=..., y=...)") from None
     if x.ndim == 3:
         x = x[:, None]
-    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+    elif _channels_last(x.shape):
         x = x.transpose(0, 3, 1, 2)
     if x.ndim != 4:
         raise DataError(f"{path}: 'x' has shape {x.shape}; expected (N,H,W), (N,H,W,C) or (N,C,H,W) images")
@@ -54,38 +66,69 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if x.max(initial=0) > 1.0:
         x = x / 255.0 if x.max() <= 255 else x / x.max()
     n_classes = int(y.max()) + 1 if len(y) else 0
-    return x, y.astype(np.int64), [str(i) for i in range(n_classes)]
+    return x, y.astype(np.int64), names if names is not None else [str(i) for i in range(n_classes)]
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-def load_image_folder(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """One sub-folder per class, images inside; all images must share one size and mode."""
-    from PIL import Image, UnidentifiedImageError
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+def fitted_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """(h, w) after torchvision's `Resize(size)`: the shorter side becomes `size`, the longer keeps the aspect, floored."""
+    return (int(size * h / w), size) if w <= h else (size, int(size * w / h))
+
+
+def _crop_origin(h: int, w: int, size: int) -> tuple[int, int]:
+    """Top-left corner of torchvision's `CenterCrop(size)`, with its rounding: an odd margin falls on the same side."""
+    return round((h - size) / 2), round((w - size) / 2)
+
+
+def fit_image(im, size: int, grayscale: bool) -> np.ndarray:
+    """A PIL image as float32 CHW in [0, 1]: RGB (L when `grayscale`), the shorter side resized to `size`
+    (bilinear, antialiased: PIL's own resize, as torchvision does it on PIL images), then the centre square."""
+    from PIL import Image
+    if im.mode == "F" or im.mode.startswith("I"):  # 16/32-bit greyscale: resized in float, not cut to 8 bits first
+        im = Image.fromarray(np.asarray(im, np.float32) / (1.0 if im.mode == "F" else 65535.0))
+    else:
+        im = im.convert("L" if grayscale else "RGB")
+    h, w = fitted_size(im.height, im.width, size)
+    if (h, w) != (im.height, im.width):
+        im = im.resize((w, h), Image.Resampling.BILINEAR)
+    top, left = _crop_origin(h, w, size)
+    a = np.asarray(im.crop((left, top, left + size, top + size)), np.float32)
+    if im.mode == "F":
+        a = np.clip(a, 0.0, 1.0)[None]
+        return a if grayscale else np.repeat(a, 3, axis=0)
+    return a[None] / 255.0 if a.ndim == 2 else a.transpose(2, 0, 1) / 255.0
+
+
+def _class_folders(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The images of a class folder; hidden files (macOS's ._photo.jpg) are not images."""
+    return [f for f in sorted(folder.iterdir())
+            if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()]
+
+
+def load_image_folder(path: Path, image_size: int, grayscale: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One sub-folder per class; images of any size and mode, each fitted (`fit_image`) as it is read."""
+    from PIL import Image
+    classes = _class_folders(path)
     if not classes:
         raise DataError(f"{path}: no class sub-folders; an image folder holds one sub-folder per class")
     xs, ys = [], []
     for label, name in enumerate(classes):
-        for f in sorted((path / name).iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
+        for f in _image_files(path / name):
             try:
                 with Image.open(f) as im:
-                    arr = np.asarray(im.convert("RGB" if im.mode not in ("L", "1", "I;16") else "L"), dtype=np.float32)
-            except (UnidentifiedImageError, OSError) as err:
-                raise DataError(f"{f}: not a readable image ({err})") from None
-            xs.append(arr / 255.0)
+                    xs.append(fit_image(im, image_size, grayscale))
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                raise DataError(f"{f}: not a readable image ({err}); remove it or save it again as PNG or JPEG") from None
             ys.append(label)
     if not xs:
-        raise DataError(f"{path}: no images found in the class sub-folders ({', '.join(IMAGE_SUFFIXES)})")
-    shapes = {a.shape for a in xs}
-    if len(shapes) > 1:
-        raise DataError(f"{path}: images differ in size or mode {sorted(shapes)[:3]}; make them one size")
-    x = np.stack(xs)
-    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-    return x.astype(np.float32), np.asarray(ys, np.int64), classes
+        raise DataError(f"{path}: no images found in the class sub-folders ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return np.stack(xs), np.asarray(ys, np.int64), classes
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -126,33 +169,45 @@ def _cifar_members(path: Path) -> dict[str, bytes]:
         raise DataError(f"{path}: not a readable CIFAR tarball ({err}); give cifar-10-python.tar.gz or its extracted folder") from None
 
 
-def load_cifar(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """CIFAR-10 (data_batch_1..5, test_batch) or CIFAR-100 (train, test), tarball or folder."""
-    files = _cifar_members(path)
-    names = [n for n in files if n.startswith("data_batch") or n == "test_batch"] or \
-            [n for n in files if n in ("train", "test")]
+CIFAR_META = ("batches.meta", "meta")  # CIFAR-10's and CIFAR-100's class names
+CIFAR_TEST = ("test_batch", "test")  # CIFAR-10's and CIFAR-100's official test split
+
+
+def _cifar_batches(names: Iterable[str]) -> list[str]:
+    names = set(names)
+    return sorted(n for n in names if n.startswith("data_batch") or n == "test_batch") or \
+        sorted(n for n in names if n in ("train", "test"))
+
+
+def _cifar_class_names(members: Mapping[str, bytes], path: Path) -> list[str] | None:
+    meta = next((members[m] for m in CIFAR_META if m in members), None)
+    if meta is None:
+        return None
+    m = safe_unpickle(meta, f"{path}:meta")
+    raw = m.get("label_names", m.get("fine_label_names"))
+    return None if raw is None else [c.decode() if isinstance(c, bytes) else str(c) for c in raw]
+
+
+def load_cifar(path: Path) -> tuple[Files, list[str]]:
+    """CIFAR-10 (data_batch_1..5, test_batch) or CIFAR-100 (train, test), tarball or folder; one entry per batch."""
+    members = _cifar_members(path)
+    names = _cifar_batches(members)
     if not names:
         raise DataError(f"{path}: no CIFAR batches (data_batch_*, test_batch, or train/test for CIFAR-100)")
-    xs, ys = [], []
-    for n in sorted(names):
-        batch = safe_unpickle(files[n], f"{path}:{n}")
+    files = {}
+    for n in names:
+        batch = safe_unpickle(members[n], f"{path}:{n}")
         labels = batch.get("labels", batch.get("fine_labels"))
         if "data" not in batch or labels is None:
             raise DataError(f"{path}:{n}: batch lacks 'data' or 'labels'/'fine_labels'")
         data = np.asarray(batch["data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3072:
             raise DataError(f"{path}:{n}: 'data' has shape {data.shape}; CIFAR rows are 3072 bytes (3x32x32)")
-        xs.append(data.reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(labels, np.int64))
-    meta = next((files[m] for m in ("batches.meta", "meta") if m in files), None)
-    y = np.concatenate(ys)
-    classes = [str(i) for i in range(int(y.max()) + 1)]
-    if meta is not None:
-        m = safe_unpickle(meta, f"{path}:meta")
-        raw = m.get("label_names", m.get("fine_label_names"))
-        if raw is not None and len(raw) >= len(classes):
-            classes = [c.decode() if isinstance(c, bytes) else str(c) for c in raw]
-    return np.concatenate(xs).astype(np.float32) / 255.0, y, classes
+        files[n] = (data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0, np.asarray(labels, np.int64))
+    y = np.concatenate([y for _, y in files.values()])
+    n_classes = int(y.max()) + 1 if len(y) else 0
+    names = _cifar_class_names(members, path)
+    return files, names if names is not None and len(names) >= n_classes else [str(i) for i in range(n_classes)]
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -171,55 +226,146 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(body, dtype).reshape(dims)
 
 
-def load_idx(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """IDX (MNIST format): a folder of *images-idx3-ubyte[.gz] and *labels-idx1-ubyte[.gz] pairs."""
+def _idx_pairs(path: Path) -> list[tuple[Path, Path]]:
     images = sorted(f for f in path.iterdir() if "images" in f.name and "idx3" in f.name)
     if not images:
         raise DataError(f"{path}: no '*images-idx3-ubyte' files; an IDX folder holds image/label file pairs")
-    xs, ys = [], []
+    pairs = []
     for img in images:
         lbl = path / img.name.replace("images-idx3", "labels-idx1")
         if not lbl.exists():
             raise DataError(f"{img}: its labels file {lbl.name} is missing")
+        pairs.append((img, lbl))
+    return pairs
+
+
+def load_idx(path: Path) -> tuple[Files, list[str]]:
+    """IDX (MNIST format): a folder of *images-idx3-ubyte[.gz] and *labels-idx1-ubyte[.gz] pairs; one entry per pair."""
+    files = {}
+    for img, lbl in _idx_pairs(path):
         x, y = _read_idx(img), _read_idx(lbl)
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise DataError(f"{img}: images {x.shape} and labels {y.shape} do not pair up")
-        xs.append(x)
-        ys.append(y)
-    x = np.concatenate(xs).astype(np.float32)
-    y = np.concatenate(ys).astype(np.int64)
-    return (x / 255.0)[:, None], y, [str(i) for i in range(int(y.max()) + 1)]
+        files[img.name] = ((x.astype(np.float32) / 255.0)[:, None], y.astype(np.int64))
+    n_classes = max(int(y.max()) + 1 if len(y) else 0 for _, y in files.values())
+    return files, [str(i) for i in range(n_classes)]
 
 
-LOADERS = {"npz": load_npz, "imagefolder": load_image_folder, "cifar": load_cifar, "idx": load_idx}
+SOURCES = ("digits", "npz", "imagefolder", "cifar", "idx")
 
 
-def load_source(source: str, path: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Load a data set by its `prepare.source` name."""
+def _is_official_test(source: str, name: str) -> bool:
+    return (source == "cifar" and name in CIFAR_TEST) or (source == "idx" and name.startswith("t10k-"))
+
+
+def _test_source(source: str, names: Iterable[str]) -> str:
+    """Whether files of these names bring an official test split beside the training data ("official") or not."""
+    names = list(names)
+    official = [n for n in names if _is_official_test(source, n)]
+    return "official" if official and len(official) < len(names) else "carved"
+
+
+def _read_files(source: str, path: str | None, image_size: int, grayscale: bool) -> tuple[Files, list[str]]:
+    if source not in SOURCES:
+        raise DataError(f"prepare.source = {source!r}: unknown; allowed: {', '.join(SOURCES)}")
     if source == "digits":
-        return load_digits_bundled()
+        x, y, classes = load_digits_bundled()
+        return {"digits": (x, y)}, classes
     if path is None:
         raise DataError(f"prepare.source = {source!r} needs prepare.path (a file or folder)")
-    x, y, classes = LOADERS[source](Path(path))
+    p = Path(path)
+    if source in ("cifar", "idx"):
+        return (load_cifar if source == "cifar" else load_idx)(p)
+    x, y, classes = load_npz(p) if source == "npz" else load_image_folder(p, image_size, grayscale)
+    return {p.name: (x, y)}, classes
+
+
+def _concat(parts: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    parts = list(parts)
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+
+def _check_loaded(x: np.ndarray, y: np.ndarray, classes: list[str], where: str | None, min_classes: int) -> None:
     if len(x) == 0:
-        raise DataError(f"{path}: the data set is empty")
-    if len(np.unique(y)) < 2:
-        raise DataError(f"{path}: only {len(np.unique(y))} class found; a classifier needs at least 2")
+        raise DataError(f"{where}: the data set is empty")
+    if len(np.unique(y)) < min_classes:
+        raise DataError(f"{where}: only {len(np.unique(y))} class found; a classifier needs at least {min_classes}")
     if y.min() < 0:
-        raise DataError(f"{path}: negative labels ({int(y.min())}); labels must be 0..n_classes-1")
+        raise DataError(f"{where}: negative labels ({int(y.min())}); labels must be 0..n_classes-1")
+    if y.max() >= len(classes):
+        raise DataError(f"{where}: label {int(y.max())} is out of range for {len(classes)} classes; "
+                        f"labels must be 0..{len(classes) - 1}")
+
+
+def load_source(source: str, path: str | None, image_size: int, grayscale: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every image of a data set by its `prepare.source` name, official test files included. An image folder
+    comes fitted to `image_size` already (it is fitted while read); other sources keep their size for `resize`."""
+    files, classes = _read_files(source, path, image_size, grayscale)
+    x, y = _concat(files.values())
+    _check_loaded(x, y, classes, path, min_classes=2)
     return x, y, classes
 
 
+DIGITS_TEST_PATH = "prepare.test_path needs your own data; prepare.source = 'digits' is the bundled set, use npz"
+
+
+class RawData(NamedTuple):
+    """The pool that train and val are split from, and the test split when it is not carved from the pool."""
+    x: np.ndarray
+    y: np.ndarray
+    classes: list[str]
+    test: tuple[np.ndarray, np.ndarray] | None  # None: carve it from the pool with test_ratio
+    test_source: str  # "test_path" | "official" | "carved"
+
+
+def _check_test_classes(test_classes: list[str], classes: list[str], path: str | None, test_path: str) -> None:
+    known = set(classes)
+    unknown = [c for c in test_classes if c not in known]
+    if unknown:
+        more = ", ..." if len(classes) > 10 else ""
+        raise DataError(f"{test_path}: test class(es) {', '.join(map(repr, unknown[:5]))} not among the classes of {path} "
+                        f"({', '.join(classes[:10])}{more}); give the test data only classes the train data has")
+
+
+def load_data(source: str, path: str | None, image_size: int, grayscale: bool, test_path: str | None = None) -> RawData:
+    """The raw data and where its test split comes from: `test_path` (labels matched to the classes of `path` by
+    name), else the source's official test files (CIFAR test_batch/test, IDX t10k-*), else carved later."""
+    files, classes = _read_files(source, path, image_size, grayscale)
+    test, test_source = None, "carved"
+    if test_path is not None:
+        if source == "digits":
+            raise DataError(DIGITS_TEST_PATH)
+        test_files, test_classes = _read_files(source, test_path, image_size, grayscale)
+        xt, yt = _concat(test_files.values())
+        _check_loaded(xt, yt, test_classes, test_path, min_classes=1)
+        _check_test_classes(test_classes, classes, path, test_path)
+        test, test_source = (xt, np.array([classes.index(c) for c in test_classes], np.int64)[yt]), "test_path"
+    elif _test_source(source, files) == "official":
+        official = [n for n in files if _is_official_test(source, n)]
+        test, test_source = _concat(files.pop(n) for n in official), "official"
+        _check_loaded(*test, classes, f"{path} ({', '.join(official)})", min_classes=1)
+    x, y = _concat(files.values())
+    _check_loaded(x, y, classes, path, min_classes=2)
+    return RawData(x, y, classes, test, test_source)
+
+
 def stratified_split(y: np.ndarray, val_ratio: float, test_ratio: float, seed: int) -> dict[str, np.ndarray]:
-    """Index arrays for train / val / test, stratified by label, fixed by the seed."""
+    """Index arrays for train / val / test, stratified by label, fixed by the seed; test_ratio 0 carves no test."""
     from sklearn.model_selection import train_test_split
     idx = np.arange(len(y))
     counts = np.bincount(y)
     strat = y if counts[counts > 0].min() >= 3 else None
-    rest, test = train_test_split(idx, test_size=test_ratio, random_state=seed, stratify=strat)
-    val_share = val_ratio / (1 - test_ratio)
-    train, val = train_test_split(rest, test_size=val_share, random_state=seed,
-                                  stratify=None if strat is None else y[rest])
+    try:
+        rest, test = train_test_split(idx, test_size=test_ratio, random_state=seed, stratify=strat) \
+            if test_ratio > 0 else (idx, idx[:0])
+        val_share = val_ratio / (1 - test_ratio)
+        train, val = train_test_split(rest, test_size=val_share, random_state=seed,
+                                      stratify=None if strat is None else y[rest])
+    except ValueError as err:  # too few images for the shares
+        raise DataError(f"cannot split {len(y)} images with val_ratio {val_ratio} and test_ratio {test_ratio} ({err}); "
+                        "give more images or larger ratios") from None
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
@@ -233,31 +379,84 @@ def load_split(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def resize(x: np.ndarray, size: int, grayscale: bool) -> np.ndarray:
-    """Bilinear resize of NCHW images to size x size (antialiased when shrinking); optional RGB -> gray."""
+    """NCHW images to size x size as torchvision's Resize(size) + CenterCrop(size) would: the shorter side to
+    `size` (bilinear, antialiased when shrinking), then the centre square; optional RGB -> gray."""
     import torch
     import torch.nn.functional as F
     t = torch.from_numpy(x)
     if grayscale and t.shape[1] == 3:
         t = (t * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    if t.shape[-2:] != (size, size):
-        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=t.shape[-1] > size)
-    return t.numpy().astype(np.float32)
+    h, w = t.shape[-2:]
+    nh, nw = fitted_size(h, w, size)
+    if (nh, nw) != (h, w):
+        t = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=h > nh or w > nw)
+    top, left = _crop_origin(nh, nw, size)
+    return t[..., top:top + size, left:left + size].numpy().astype(np.float32)
+
+
+NORMALIZE_MODES = ("dataset", "none")  # or explicit {mean: [...], std: [...]}
+
+
+def _explicit_stats(normalize) -> tuple[list[float], list[float]] | None:
+    """(mean, std) of an explicit normalisation (a mapping or a config with .mean/.std); None for a named mode."""
+    if isinstance(normalize, str):
+        if normalize not in NORMALIZE_MODES:
+            raise ValueError(f"normalize = {normalize!r}: use {' | '.join(NORMALIZE_MODES)} or {{mean: [...], std: [...]}}")
+        return None
+    if isinstance(normalize, Mapping):
+        return list(normalize["mean"]), list(normalize["std"])
+    return list(normalize.mean), list(normalize.std)
+
+
+def _channel_stats(normalize, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    channels = train.shape[1]
+    explicit = _explicit_stats(normalize)
+    if explicit is not None:
+        mean, std = (np.asarray(v, np.float32) for v in explicit)
+        if len(mean) != channels or len(std) != channels:
+            raise DataError(f"prepare.normalize gives {len(mean)} mean and {len(std)} std values but the images have "
+                            f"{channels} channel(s) (after prepare.grayscale); give one mean and one std per channel")
+        if (std <= 0).any():
+            raise DataError(f"prepare.normalize std {std.tolist()} must be > 0 for every channel")
+        return mean, std
+    if normalize == "none":
+        return np.zeros(channels, np.float32), np.ones(channels, np.float32)
+    return train.mean(axis=(0, 2, 3)), train.std(axis=(0, 2, 3)) + 1e-6
 
 
 def prepare_splits(x: np.ndarray, y: np.ndarray, classes: list[str], image_size: int, grayscale: bool,
-                   val_ratio: float, test_ratio: float, seed: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
-    """Images -> resized, split (stratified, seeded), standardised with the train split's statistics; and the meta."""
+                   val_ratio: float, test_ratio: float, seed: int, *, normalize="dataset",
+                   test: tuple[np.ndarray, np.ndarray] | None = None,
+                   test_source: str = "test_path") -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+    """Images -> resized, split (stratified, seeded), normalised; and the meta.
+
+    `normalize`: "dataset" (per-channel mean/std of the train split), "none" (pixels stay in [0, 1]) or
+    {"mean": [...], "std": [...]} per channel. With `test` (x, y) given, that is the test split (recorded as
+    `test_source`) and only val is carved from `x`; test_ratio is then unused.
+    """
     if y.max() >= len(classes):
         raise DataError(f"labels go up to {int(y.max())} but only {len(classes)} classes were found")
     x = resize(x, image_size, grayscale)
-    idx = stratified_split(y, val_ratio, test_ratio, seed)
-    mean = x[idx["train"]].mean(axis=(0, 2, 3))
-    std = x[idx["train"]].std(axis=(0, 2, 3)) + 1e-6
-    norm = ((x - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
+    idx = stratified_split(y, val_ratio, test_ratio if test is None else 0.0, seed)
+    mean, std = _channel_stats(normalize, x[idx["train"]])
+
+    def scale(a: np.ndarray) -> np.ndarray:
+        return ((a - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
+
+    norm = scale(x)
     splits = {name: (norm[i], y[i].astype(np.int64)) for name, i in idx.items()}
+    if test is not None:
+        xt = resize(test[0], image_size, grayscale)
+        if xt.shape[1] != x.shape[1]:
+            raise DataError(f"the test split has {xt.shape[1]} channel(s) but the train data {x.shape[1]}; "
+                            "give both in one format (or set prepare.grayscale: true)")
+        splits["test"] = (scale(xt), test[1].astype(np.int64))
+    explicit = _explicit_stats(normalize) is not None
     meta = {"classes": classes, "num_classes": len(classes), "in_channels": int(x.shape[1]),
-            "image_size": image_size, "mean": mean.tolist(), "std": std.tolist(),
-            "counts": {name: int(len(i)) for name, i in idx.items()}}
+            "image_size": image_size, "normalize": "explicit" if explicit else normalize,
+            "mean": mean.tolist(), "std": std.tolist(),
+            "test_source": "carved" if test is None else test_source,
+            "counts": {name: len(s[1]) for name, s in splits.items()}}
     return splits, meta
 
 
@@ -302,9 +501,10 @@ def _npy_header(zf, name: str, path: Path) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
-def _check_labels(y: np.ndarray, n_images: int, classes: list[str] | None, where: str) -> None:
+def _check_labels(y: np.ndarray, n_images: int, classes: list[str] | None, where: str, min_classes: int = 2) -> None:
     if n_images == 0 or len(y) == 0:
-        raise DataError(f"{where}: the data set is empty (0 images); it needs images of at least 2 classes")
+        raise DataError(f"{where}: the data set is empty (0 images); it needs images of at least {min_classes} "
+                        f"class{'es' if min_classes > 1 else ''}")
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{where}: labels must be a 1-D integer array, got {y.dtype} {y.shape}")
     if len(y) != n_images:
@@ -314,75 +514,115 @@ def _check_labels(y: np.ndarray, n_images: int, classes: list[str] | None, where
     if classes is not None and y.max() >= len(classes):
         raise DataError(f"{where}: label {int(y.max())} is out of range for {len(classes)} classes {classes[:5]}; "
                         f"labels must be 0..{len(classes) - 1}")
-    if len(np.unique(y)) < 2:
-        raise DataError(f"{where}: only 1 class in the labels ({int(y[0])}); a classifier needs at least 2")
+    if len(np.unique(y)) < min_classes:
+        raise DataError(f"{where}: only 1 class in the labels ({int(y[0])}); a classifier needs at least {min_classes}")
 
 
-def check_source(source: str, path: str | None) -> None:
-    """The fast check before a run: headers, shapes and labels of the raw data, images not decoded; writes nothing."""
+def _inspect_npz(p: Path, grayscale: bool, min_classes: int) -> dict:
     import zipfile
-    if source == "digits":
-        return
-    p = Path(path)
-    if source == "npz":
-        try:
-            zf = zipfile.ZipFile(p)
-        except (OSError, zipfile.BadZipFile) as err:
-            raise DataError(f"{p}: not a readable NPZ file ({err}); save one with numpy.savez(path, x=..., y=...)") from None
-        with zf:
-            names = {n.removesuffix(".npy") for n in zf.namelist()}
-            missing = {"x", "y"} - names
-            if missing:
-                raise DataError(f"{p}: NPZ lacks array(s) {sorted(missing)}; it needs 'x' (images) and 'y' (labels)")
-            shape, dtype = _npy_header(zf, "x", p)
-            if len(shape) not in (3, 4) or not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
-                raise DataError(f"{p}: 'x' has shape {shape} and dtype {dtype}; expected numeric images "
-                                "(N,H,W), (N,H,W,C) or (N,C,H,W)")
-        try:
-            with np.load(p, allow_pickle=False) as f:
-                y = f["y"]
-                classes = [str(c) for c in f["classes"]] if "classes" in f.files else None
-        except (OSError, ValueError, EOFError) as err:
-            raise DataError(f"{p}: 'y' is unreadable ({err}); labels must be a 1-D integer array") from None
-        _check_labels(y, shape[0], classes, str(p))
-    elif source == "imagefolder":
-        from PIL import Image, UnidentifiedImageError
-        classes = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if len(classes) < 2:
-            raise DataError(f"{p}: {len(classes)} class sub-folder(s); an image folder needs one sub-folder per class, at least 2")
-        sizes = set()
-        for d in classes:
-            images = [f for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-            if not images:
-                raise DataError(f"{d}: class folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            for f in images:
-                try:
-                    with Image.open(f) as im:  # reads the header only
-                        sizes.add(im.size)
-                except (UnidentifiedImageError, OSError) as err:
-                    raise DataError(f"{f}: not a readable image ({err})") from None
-        if len(sizes) > 1:
-            raise DataError(f"{p}: images differ in size {sorted(sizes)[:3]}; make them one size")
-    elif source == "idx":
-        images = sorted(f for f in p.iterdir() if "images" in f.name and "idx3" in f.name)
+    try:
+        zf = zipfile.ZipFile(p)
+    except (OSError, zipfile.BadZipFile) as err:
+        raise DataError(f"{p}: not a readable NPZ file ({err}); save one with numpy.savez(path, x=..., y=...)") from None
+    with zf:
+        names = {n.removesuffix(".npy") for n in zf.namelist()}
+        missing = {"x", "y"} - names
+        if missing:
+            raise DataError(f"{p}: NPZ lacks array(s) {sorted(missing)}; it needs 'x' (images) and 'y' (labels)")
+        shape, dtype = _npy_header(zf, "x", p)
+        if len(shape) not in (3, 4) or not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+            raise DataError(f"{p}: 'x' has shape {shape} and dtype {dtype}; expected numeric images "
+                            "(N,H,W), (N,H,W,C) or (N,C,H,W)")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            y = f["y"]
+            classes = [str(c) for c in f["classes"]] if "classes" in f.files else None
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"{p}: 'y' is unreadable ({err}); labels must be a 1-D integer array") from None
+    _check_labels(y, shape[0], classes, str(p), min_classes)
+    channels = 1 if len(shape) == 3 else shape[-1] if _channels_last(shape) else shape[1]
+    classes = classes if classes is not None else [str(i) for i in range(int(y.max()) + 1)]
+    return {"classes": classes, "in_channels": 1 if grayscale and channels == 3 else channels, "test_source": "carved"}
+
+
+def _inspect_image_folder(p: Path, grayscale: bool, min_classes: int) -> dict:
+    from PIL import Image
+    classes = _class_folders(p)
+    if len(classes) < min_classes:
+        raise DataError(f"{p}: {len(classes)} class sub-folder(s); an image folder needs one sub-folder per class, "
+                        f"at least {min_classes}")
+    for name in classes:
+        images = _image_files(p / name)
         if not images:
-            raise DataError(f"{p}: no '*images-idx3-ubyte' files; an IDX folder holds image/label file pairs")
-        for img in images:
-            lbl = p / img.name.replace("images-idx3", "labels-idx1")
-            if not lbl.exists():
-                raise DataError(f"{img}: its labels file {lbl.name} is missing")
-            x, y = _read_idx(img), _read_idx(lbl)
-            if x.ndim != 3:
-                raise DataError(f"{img}: images have shape {x.shape}; IDX images are (N,H,W)")
-            _check_labels(y.astype(np.int64), len(x), None, str(lbl))
-    elif source == "cifar":
-        if p.is_dir():
-            names = {f.name for f in p.rglob("*") if f.is_file()}
-        else:
+            raise DataError(f"{p / name}: class folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for f in images:
             try:
-                with tarfile.open(p) as tar:
-                    names = {Path(m.name).name for m in tar.getmembers() if m.isfile()}
-            except (tarfile.TarError, OSError, EOFError) as err:
-                raise DataError(f"{p}: not a readable CIFAR tarball ({err}); give cifar-10-python.tar.gz or its extracted folder") from None
-        if not any(n.startswith("data_batch") or n in ("test_batch", "train", "test") for n in names):
-            raise DataError(f"{p}: no CIFAR batches (data_batch_*, test_batch, or train/test for CIFAR-100)")
+                with Image.open(f):  # reads the header only; any size and mode is fitted by prepare
+                    pass
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                raise DataError(f"{f}: not a readable image ({err}); remove it or save it again as PNG or JPEG") from None
+    return {"classes": classes, "in_channels": 1 if grayscale else 3, "test_source": "carved"}
+
+
+def _inspect_idx(p: Path, grayscale: bool, min_classes: int) -> dict:
+    n_classes, pairs = 0, _idx_pairs(p)
+    for img, lbl in pairs:
+        x, y = _read_idx(img), _read_idx(lbl)
+        if x.ndim != 3:
+            raise DataError(f"{img}: images have shape {x.shape}; IDX images are (N,H,W)")
+        _check_labels(y.astype(np.int64), len(x), None, str(lbl), min_classes)
+        n_classes = max(n_classes, int(y.max()) + 1)
+    return {"classes": [str(i) for i in range(n_classes)], "in_channels": 1,
+            "test_source": _test_source("idx", (img.name for img, _ in pairs))}
+
+
+def _inspect_cifar(p: Path, grayscale: bool, min_classes: int) -> dict:
+    if p.is_dir():
+        members = {f.name: f for f in p.rglob("*") if f.is_file()}
+        meta = {m: members[m].read_bytes() for m in CIFAR_META if m in members}
+    else:
+        try:
+            with tarfile.open(p) as tar:  # the batches are listed, not read; only the small meta file is
+                members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+                meta = {m: tar.extractfile(members[m]).read() for m in CIFAR_META if m in members}
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise DataError(f"{p}: not a readable CIFAR tarball ({err}); give cifar-10-python.tar.gz or its extracted folder") from None
+    batches = _cifar_batches(members)
+    if not batches:
+        raise DataError(f"{p}: no CIFAR batches (data_batch_*, test_batch, or train/test for CIFAR-100)")
+    classes = _cifar_class_names(meta, p)
+    if classes is None:  # no class names: the labels say how many classes there are
+        classes = load_cifar(p)[1]
+    return {"classes": classes, "in_channels": 1 if grayscale else 3, "test_source": _test_source("cifar", batches)}
+
+
+INSPECT = {"npz": _inspect_npz, "imagefolder": _inspect_image_folder, "idx": _inspect_idx, "cifar": _inspect_cifar}
+
+
+def check_source(source: str, path: str | None, test_path: str | None = None, grayscale: bool = False,
+                 normalize=None) -> dict:
+    """The fast check before a run: headers, shapes and labels of the raw data (and of `test_path`), images not
+    decoded; writes nothing. Returns what `prepare` will make of it, for comparing with a model before training:
+    {"classes": [...], "num_classes": int, "in_channels": int (after grayscale), "test_source": str}."""
+    if source == "digits":
+        if test_path is not None:
+            raise DataError(DIGITS_TEST_PATH)
+        found = {"classes": [str(i) for i in range(10)], "in_channels": 1, "test_source": "carved"}
+    elif path is None:
+        raise DataError(f"prepare.source = {source!r} needs prepare.path (a file or folder)")
+    else:
+        found = INSPECT[source](Path(path), grayscale, 2)
+    if test_path is not None:
+        test = INSPECT[source](Path(test_path), grayscale, 1)
+        _check_test_classes(test["classes"], found["classes"], path, test_path)
+        if test["in_channels"] != found["in_channels"]:
+            raise DataError(f"{test_path}: test images have {test['in_channels']} channel(s) but those of {path} "
+                            f"{found['in_channels']}; give both in one format (or set prepare.grayscale: true)")
+        found["test_source"] = "test_path"
+    explicit = None if normalize is None else _explicit_stats(normalize)
+    if explicit is not None and len(explicit[0]) != found["in_channels"]:
+        raise DataError(f"prepare.normalize gives {len(explicit[0])} mean/std values but {path or 'the data'} makes "
+                        f"{found['in_channels']}-channel images (prepare.grayscale = {str(grayscale).lower()}); "
+                        "give one mean and one std per channel")
+    return {"classes": found["classes"], "num_classes": len(found["classes"]),
+            "in_channels": found["in_channels"], "test_source": found["test_source"]}

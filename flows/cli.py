@@ -27,17 +27,26 @@ def embedded_defaults(root: Path) -> None:
 
 
 def check_params(path: Path) -> dict:
-    """Every section of `path` validated, the model known to the zoo and the raw data readable; nothing written."""
-    from distillery.core.errors import ParamsError
+    """Every section of `path` validated, the raw data readable, and the model built with its weights and
+    run on one batch of the data's shape, its outputs against the data's classes; nothing written."""
     from distillery.core.params import load_params
     from distillery.data import check_source
-    from distillery.models import MODELS
     configs = load_params(path)
-    arch = configs["train"].arch
-    if arch not in MODELS:
-        raise ParamsError(f"{path}: train.arch = {arch!r}: unknown model; allowed: {', '.join(sorted(MODELS))}")
-    check_source(configs["prepare"].source, configs["prepare"].path)  # the raw data's headers and labels
+    prep, train = configs["prepare"], configs["train"]
+    data = check_source(prep.source, prep.path, test_path=prep.test_path, grayscale=prep.grayscale,
+                        normalize=prep.normalize)
+    check_model(train, data, prep.image_size)
     return configs
+
+
+def check_model(train, data: dict, image_size: int) -> None:
+    """Build `train.model` (zoo or factory) with `train.weights`, and run a batch shaped like the prepared data."""
+    import torch
+    from distillery.models import build_teacher, check_classifier, model_spec
+    channels = data.get("in_channels") or 3
+    spec = model_spec(train.model, train.model_kwargs, channels, data["num_classes"], image_size)
+    model = build_teacher(spec, train.weights)
+    check_classifier(model, torch.zeros(2, channels, image_size, image_size), data["num_classes"], data.get("classes"))
 
 
 def fail(err: Exception, debug: bool) -> None:
@@ -56,9 +65,13 @@ def validate(params: Path = typer.Option(None, help="params file to check [defau
         path = params.resolve()
         if path.is_file():
             os.chdir(path.parent)  # paths in params.yaml are relative to its project, as DVC runs them
-        check_params(path)
+        configs = check_params(path)
+        from flows.user_deps import sync
+        pending = sync(path.parent, configs, write=False) if (path.parent / "dvc.yaml").is_file() else []
     except DistilleryError as err:
         fail(err, debug=False)
+    for line in pending:
+        typer.echo(f"{line}  (pending: `distillery run` writes it)")
     typer.echo(f"{params}: ok")
 
 
@@ -94,7 +107,10 @@ def run(recipe: str = typer.Argument(..., help=f"one of: {', '.join(RECIPES)}"),
     try:
         if recipe not in RECIPES:
             raise DistilleryError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
-        check_params(root / "params.yaml")  # before Prefect's start-up: bad params cost no time
+        configs = check_params(root / "params.yaml")  # before Prefect's start-up: bad params cost no time
+        from flows.user_deps import sync
+        for line in sync(root, configs):  # the files params.yaml names are deps of the stages that read them
+            typer.echo(line)
     except DistilleryError as err:
         fail(err, debug)
     embedded_defaults(root)

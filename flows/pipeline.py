@@ -21,6 +21,7 @@ from distillery.core.errors import DistilleryError
 from distillery.core.params import load_params
 from flows.dvc_stages import EXECUTED, run_stage, stage_order
 from flows.registry import REGISTERED, register_models
+from flows.user_deps import sync as sync_user_deps
 from tasks.paths import ABLATION_REPORT, MENU_REPORT, PQD_REPORT
 
 # Each recipe names the stage(s) it ends with; DVC's graph supplies everything upstream.
@@ -126,7 +127,8 @@ def pipeline(recipe: str = "pqd", root: str = ".") -> dict[str, str]:
     """Run one recipe's DVC stages in DVC's order; unchanged stages are skipped, not re-run."""
     root_path = Path(root).resolve()
     os.chdir(root_path)
-    load_params(root_path / "params.yaml")
+    for line in sync_user_deps(root_path, load_params(root_path / "params.yaml")):
+        print(line)  # a scheduled run whose params.yaml names other user files
     stages = stage_order(root_path, PIPELINES[recipe])
     with recipe_run(recipe, root_path) as (parent_run_id, outcome):
         for stage in stages:

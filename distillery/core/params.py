@@ -3,12 +3,13 @@
 Each stage reads only its own section through `load_section`; the CLI validates every section at
 once with `load_params` so that a typo stops the run before a single stage executes. The schema
 holds each key's type, range and description (`distillery params` prints them); `params.yaml` is
-the one source of the values, so no key has a default here (but the optional `prepare.path`) and a
-missing one is an error.
+the one source of the values, so no key has a default here (but the optional files of the user's
+own data and model: `prepare.path`, `prepare.test_path`, `train.weights`, and `train.model_kwargs`) and a missing one is an error.
 """
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -33,48 +34,135 @@ SOURCE_PATHS = {  # what prepare.path must be for each source
 }
 
 
+class Normalization(Section):
+    """prepare.normalize given explicitly: x = (pixel in [0, 1] - mean) / std, per channel."""
+    mean: list[float] = Field(description="one value per channel (after prepare.grayscale)")
+    std: list[float] = Field(description="one value > 0 per channel")
+
+    @model_validator(mode="after")
+    def _one_per_channel(self) -> "Normalization":
+        if not self.mean or len(self.mean) != len(self.std):
+            raise ValueError(f"{len(self.mean)} mean and {len(self.std)} std values; give one of each per channel")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std {self.std}: give a value > 0 for every channel")
+        return self
+
+
+NORMALIZE_HELP = "dataset (the train split's per-channel mean/std) | none (pixels in [0, 1]) | {mean: [...], std: [...]}"
+SOURCE_CHANNELS = {"digits": 1, "idx": 1, "cifar": 3, "imagefolder": 3}  # before grayscale; an NPZ's header says
+
+
 class PrepareConfig(Section):
     source: Literal["digits", "npz", "imagefolder", "cifar", "idx"] = Field(description="digits | npz | imagefolder | cifar | idx")
     path: str | None = Field(None, description="file or folder for every source but the bundled digits")
-    image_size: int = Field(ge=4, le=512, description="square side the images are resized to")
+    test_path: str | None = Field(None, description="your own held-out test split, in the format of path and with its "
+                                                    "classes (matched by name); val is still carved from path")
+    image_size: int = Field(ge=4, le=512, description="square side: the shorter side is resized to it, then the centre "
+                                                      "square is cropped (torchvision's Resize + CenterCrop)")
     grayscale: bool = Field(description="collapse colour images to one channel")
-    val_ratio: float = Field(gt=0, lt=0.5, description="share of the images held out for validation (stratified)")
-    test_ratio: float = Field(gt=0, lt=0.5, description="share of the images held out for the test split (stratified)")
+    normalize: Literal["dataset", "none"] | Normalization = Field(description=NORMALIZE_HELP)
+    val_ratio: float = Field(gt=0, lt=0.5, description="share of the images of path held out for validation (stratified)")
+    test_ratio: float = Field(gt=0, lt=0.5, description="share of the images held out for the test split (stratified); "
+                                                        "ignored when test_path is given or the source has its official "
+                                                        "test files (CIFAR test_batch/test, IDX t10k-*)")
     seed: int = Field(ge=0, description="seed of the stratified split")
 
-    @field_validator("path")
+    @field_validator("path", "test_path")
     @classmethod
     def _path_exists(cls, v: str | None) -> str | None:
         if v is not None and not Path(v).exists():
             raise ValueError(f"path does not exist: {v!r}; give an existing file or folder")
         return v
 
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _normalize(cls, v: object) -> object:
+        if isinstance(v, dict):
+            try:
+                return Normalization.model_validate(v)
+            except ValidationError as err:
+                e = err.errors()[0]
+                msg = e["msg"].removeprefix("Value error, ")
+                if e["loc"]:  # a key of the mapping; the checks across keys say what to give themselves
+                    msg = f"{'.'.join(str(p) for p in e['loc'])}: {msg}; give {{mean: [...], std: [...]}}, one value per channel"
+                raise ValueError(msg) from None
+        if v not in ("dataset", "none"):
+            raise ValueError(f"allowed: {NORMALIZE_HELP}")
+        return v
+
     @model_validator(mode="after")
     def _path_fits_source(self) -> "PrepareConfig":
         if self.source == "digits":
+            if self.test_path is not None:
+                raise ValueError(f"prepare.test_path = {self.test_path!r} needs your own data, but prepare.source = "
+                                 "'digits' is the bundled set; use source npz (or another) for your data")
             return self
         if self.path is None:
             raise ValueError(f"prepare.path is required when prepare.source = {self.source!r}; "
                              f"give the {SOURCE_PATHS[self.source]}")
-        is_dir = Path(self.path).is_dir()
-        wants_dir = {"npz": False, "imagefolder": True, "idx": True}.get(self.source, is_dir)  # cifar: either
-        if is_dir != wants_dir:
-            raise ValueError(f"prepare.path = {self.path!r} is a {'folder' if is_dir else 'file'}, but prepare.source = "
-                             f"{self.source!r} needs {SOURCE_PATHS[self.source]}")
+        for key, value in (("path", self.path), ("test_path", self.test_path)):
+            if value is None:
+                continue
+            is_dir = Path(value).is_dir()
+            wants_dir = {"npz": False, "imagefolder": True, "idx": True}.get(self.source, is_dir)  # cifar: either
+            if is_dir != wants_dir:
+                raise ValueError(f"prepare.{key} = {value!r} is a {'folder' if is_dir else 'file'}, but prepare.source = "
+                                 f"{self.source!r} needs {SOURCE_PATHS[self.source]}")
+        return self
+
+    @model_validator(mode="after")
+    def _normalize_fits_channels(self) -> "PrepareConfig":
+        if isinstance(self.normalize, str) or self.source not in SOURCE_CHANNELS:
+            return self  # an NPZ's channels are known from its header: the preflight (check_source) compares them
+        channels = 1 if self.grayscale else SOURCE_CHANNELS[self.source]
+        if len(self.normalize.mean) != channels:
+            raise ValueError(f"prepare.normalize has {len(self.normalize.mean)} mean/std values, but prepare.source = "
+                             f"{self.source!r} with prepare.grayscale = {str(self.grayscale).lower()} makes "
+                             f"{channels}-channel images; give one mean and one std per channel")
         return self
 
 
+MODEL_REF = re.compile(r"^([A-Za-z_][\w]*|[^:\s]+:[A-Za-z_][\w.]*)$")  # zoo name, or target:function
+
+
 class TrainConfig(Section):
-    arch: str = Field(description="a model of the zoo (distillery.models.MODELS): resnet18 | vgg16_bn | wrn28_10 | toy | vit")
-    width: float = Field(gt=0, le=16, description="channel multiplier (widen factor for wrn28_10)")
-    depth: int = Field(ge=1, le=40, description="blocks per stage (resnet18), convs per deep stage (vgg16_bn), total depth (wrn28_10)")
-    epochs: int = Field(ge=1, le=1000, description="training epochs")
+    model: str = Field(description="a zoo model (resnet18 | vgg16_bn | wrn28_10 | toy | vit) or a factory "
+                                   "returning an nn.Module: path/to/file.py:function or package.module:function")
+    model_kwargs: dict = Field({}, description="keyword arguments of the zoo model (width, depth, ...; in_channels and "
+                                               "num_classes come from the data) or of the factory, passed as they are")
+    weights: str | None = Field(None, description="the user's trained weights: a state_dict in .safetensors or a torch "
+                                                  "file (read with weights_only=True); epochs 0 adopts them as the teacher")
+    epochs: int = Field(ge=0, le=1000, description="training epochs; 0 adopts the model as it is (needs weights)")
     batch_size: int = Field(ge=1, le=4096, description="training batch size")
     lr: float = Field(gt=0, le=10, description="peak learning rate (one-cycle cosine schedule)")
     weight_decay: float = Field(ge=0, le=1, description="SGD weight decay")
     patience: int = Field(ge=1, description="epochs without a val improvement before stopping")
     seed: int = Field(ge=0, description="random seed of this step (data order, initialisation, subsets)")
     resume: bool = Field(description="continue from the last epoch checkpoint after a crash")
+
+    @field_validator("model")
+    @classmethod
+    def _model_ref(cls, v: str) -> str:
+        if not MODEL_REF.match(v):
+            raise ValueError("give a zoo name (resnet18) or a factory: path/to/file.py:function or package.module:function")
+        target = v.partition(":")[0]
+        if ":" in v and (target.endswith(".py") or "/" in target) and not Path(target).is_file():
+            raise ValueError(f"factory file {target} does not exist (paths are relative to the project root)")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"weights file {v!r} does not exist; give a .safetensors or torch state_dict file")
+        return v
+
+    @model_validator(mode="after")
+    def _adopt_needs_weights(self) -> "TrainConfig":
+        if self.epochs == 0 and self.weights is None:
+            raise ValueError("train.epochs = 0 adopts a trained model as the teacher, so it needs train.weights; "
+                             "give the weights file or train for some epochs")
+        return self
 
 
 class PruneConfig(Section):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distillery.data import load_source, prepare_splits, stratified_split
+from distillery.data import check_source, load_data, load_source, prepare_splits, stratified_split
 from distillery.core.errors import DataError
 
 
@@ -70,7 +70,7 @@ def make_idx(tmp_path):
     ("idx", make_idx, 30, (1, 7, 7), 5),
 ])
 def test_every_format_loads_as_float_nchw_in_unit_range(tmp_path, source, maker, n, shape, n_classes):
-    x, y, classes = load_source(source, str(maker(tmp_path)))
+    x, y, classes = load_source(source, str(maker(tmp_path)), shape[-1], False)
     assert x.dtype == np.float32 and x.shape == (n, *shape)
     assert y.dtype == np.int64 and len(y) == n
     assert 0.0 <= x.min() and x.max() <= 1.0
@@ -78,7 +78,7 @@ def test_every_format_loads_as_float_nchw_in_unit_range(tmp_path, source, maker,
 
 
 def test_digits_default_is_bundled():
-    x, y, classes = load_source("digits", None)
+    x, y, classes = load_source("digits", None, 8, False)
     assert x.shape == (1797, 1, 8, 8) and len(classes) == 10
 
 
@@ -94,7 +94,7 @@ def test_pickle_carrying_code_is_refused_and_never_runs(tmp_path):
     folder.mkdir()
     (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Evil(), b"labels": [0]}))
     with pytest.raises(DataError, match="refused to load"):
-        load_source("cifar", str(folder))
+        load_source("cifar", str(folder), 32, False)
     assert not marker.exists()
 
 
@@ -105,7 +105,7 @@ def test_a_file_in_the_wrong_format_names_the_file(tmp_path, content, message):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(content)
     with pytest.raises(DataError, match=message) as err:
-        load_source("npz", str(bad))
+        load_source("npz", str(bad), 8, False)
     assert str(bad) in str(err.value)
 
 
@@ -114,7 +114,7 @@ def test_truncated_idx_is_a_clear_error(tmp_path):
     path = folder / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(DataError, match="truncated"):
-        load_source("idx", str(folder))
+        load_source("idx", str(folder), 7, False)
 
 
 def test_split_is_deterministic_stratified_and_disjoint():
@@ -128,9 +128,39 @@ def test_split_is_deterministic_stratified_and_disjoint():
 
 
 def test_prepare_resizes_and_standardises_on_train(tmp_path):
-    x, y, classes = load_source("npz", str(make_npz(tmp_path, n=80)))
+    x, y, classes = load_source("npz", str(make_npz(tmp_path, n=80)), 16, False)
     splits, meta = prepare_splits(x, y, classes, 16, False, 0.15, 0.2, 0)
     x, y = splits["test"]
     assert x.shape[1:] == (1, 16, 16) and x.dtype == np.float32 and y.dtype == np.int64
     assert abs(splits["train"][0].mean()) < 1e-4 and abs(splits["train"][0].std() - 1) < 1e-3
     assert meta["num_classes"] == 4 and meta["in_channels"] == 1
+
+
+@pytest.mark.parametrize("as_tar", [True, False])
+def test_cifar_official_test_batch_is_the_test_split(tmp_path, as_tar):
+    path = str(make_cifar(tmp_path, as_tar))
+    data = load_data("cifar", path, 32, False)
+    assert data.test_source == "official" and len(data.x) == 24 and len(data.test[1]) == 12
+    official = cifar_batch(12, seed=2)  # what make_cifar wrote as test_batch
+    splits, meta = prepare_splits(*data[:3], 32, False, 0.15, 0.2, 0, normalize="none", test=data.test,
+                                  test_source=data.test_source)
+    assert np.array_equal(splits["test"][0], official[b"data"].reshape(-1, 3, 32, 32) / np.float32(255))
+    assert splits["test"][1].tolist() == official[b"labels"]
+    assert meta["test_source"] == "official" and meta["counts"]["test"] == 12
+    assert meta["counts"]["train"] + meta["counts"]["val"] == 24
+    assert check_source("cifar", path) == {"classes": [f"c{i}" for i in range(10)], "num_classes": 10,
+                                           "in_channels": 3, "test_source": "official"}
+    assert check_source("cifar", path, grayscale=True)["in_channels"] == 1
+
+
+def test_idx_t10k_files_are_the_test_split(tmp_path):
+    folder = make_idx(tmp_path)
+    data = load_data("idx", str(folder), 7, False)
+    assert data.test_source == "official" and len(data.x) == 20 and len(data.test[0]) == 10
+    assert data.test[1].tolist() == (np.arange(10) % 5).tolist()
+    assert check_source("idx", str(folder))["test_source"] == "official"
+    for f in folder.glob("t10k-*"):  # without its test files the test split is carved again
+        f.unlink()
+    assert load_data("idx", str(folder), 7, False).test_source == "carved"
+    assert check_source("idx", str(folder)) == {"classes": [str(i) for i in range(5)], "num_classes": 5,
+                                                "in_channels": 1, "test_source": "carved"}

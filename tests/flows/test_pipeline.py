@@ -13,7 +13,7 @@ from repos import init_git_dvc, tracked_in
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {
     "prepare": {"image_size": 8},
-    "train": {"arch": "toy", "width": 0.5, "epochs": 2, "patience": 2},
+    "train": {"model": "toy", "model_kwargs": {"width": 0.5}, "epochs": 2, "patience": 2},
     "prune": {"finetune_epochs": 1},
     "quantize": {"epochs": 1, "freeze_observers_epoch": 1},
     "distill": {"epochs": 1},

@@ -21,7 +21,7 @@ from flows.cli import app
 ROOT = Path(__file__).resolve().parents[2]
 GOOD = {
     "prepare": {"source": "npz", "path": "data/raw/digits.npz", "image_size": 8},
-    "train": {"arch": "toy", "epochs": 2},
+    "train": {"model": "toy", "model_kwargs": {}, "epochs": 2},
 }
 
 
@@ -70,20 +70,76 @@ def folders(root: Path, *classes: str) -> None:
         (root / "data/raw/imgs" / c).mkdir(parents=True)
 
 
+NET = {"model": "models/net.py:build", "model_kwargs": {"pixels": 256}}  # 16x16 digits, as in params.yaml
+
+
+def user_net(root: Path) -> None:
+    (root / "models").mkdir(exist_ok=True)
+    shutil.copy(Path(__file__).with_name("user_net.py"), root / "models/net.py")
+
+
+def user_weights(root: Path, rename=False, num_classes=10, name="w.pt", pickled_module=False, wrap=None) -> None:
+    import importlib.util
+    import torch
+    user_net(root)
+    spec = importlib.util.spec_from_file_location("user_net_for_weights", root / "models/net.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    net = mod.build(num_classes=num_classes, pixels=256)
+    state = {k.replace("fc1", "layer1") if rename else k: v for k, v in net.state_dict().items()}
+    if name.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(state, str(root / "models" / name))
+        return
+    obj = {"state_dict": state, "head": torch.nn.Linear(2, 2)} if pickled_module else {wrap: {"lr": 0.1}} if wrap else state
+    torch.save(obj, root / "models" / name)
+
+
 # id -> (params patch, setup(root) or None, needles that must all appear in the message)
 CASES = {
     "unknown-key": ({"train": {"epocs": 3}}, None, ["unknown key train.epocs", "did you mean 'epochs'", "allowed keys"]),
     "misspelt-section": ({"trian": {"epochs": 3}}, None, ["unknown section 'trian'", "did you mean 'train'"]),
     "wrong-type-int": ({"train": {"epochs": "ten"}}, None, ["train.epochs = 'ten'", "integer"]),
     "wrong-type-float-as-str": ({"train": {"lr": "0.1"}}, None, ["train.lr = '0.1'", "number"]),
-    "epochs-zero": ({"train": {"epochs": 0}}, None, ["train.epochs = 0", "greater than or equal to 1"]),
+    "epochs-negative": ({"train": {"epochs": -1}}, None, ["train.epochs = -1", "greater than or equal to 0"]),
     "sparsity-1.5": ({"prune": {"sparsity": 1.5}}, None, ["prune.sparsity = 1.5", "less than 1"]),
     "negative-temperature": ({"distill": {"temperature": -2.0}}, None, ["distill.temperature = -2.0", "greater than 0"]),
     "alpha-above-1": ({"distill": {"alpha": 2.0}}, None, ["distill.alpha = 2.0", "less than or equal to 1"]),
     "batch-size-zero": ({"train": {"batch_size": 0}}, None, ["train.batch_size = 0", "greater than or equal to 1"]),
     "image-size-2": ({"prepare": {"image_size": 2}}, None, ["prepare.image_size = 2", "greater than or equal to 4"]),
     "test-ratio-1.5": ({"prepare": {"test_ratio": 1.5}}, None, ["prepare.test_ratio = 1.5", "less than 0.5"]),
-    "unknown-model": ({"train": {"arch": "resnet1000"}}, None, ["train.arch = 'resnet1000'", "unknown model", "resnet18"]),
+    "unknown-model": ({"train": {"model": "resnet1000"}}, None, ["train.model = 'resnet1000'", "not a zoo model", "resnet18"]),
+    "zoo-model-bad-kwarg": ({"train": {"model_kwargs": {"widht": 2}}}, None, ["train.model_kwargs", "widht"]),
+    # the user's own model (tests/flows/user_net.py copied in as models/net.py) and weights
+    "factory-file-missing": ({"train": {"model": "models/nope.py:build"}}, user_net,
+                             ["train.model = 'models/nope.py:build'", "does not exist"]),
+    "factory-function-missing": ({"train": {"model": "models/net.py:biuld"}}, user_net,
+                                 ["train.model = 'models/net.py:biuld'", "has no 'biuld'", "did you mean build"]),
+    "factory-module-missing": ({"train": {"model": "nosuchpkg.nets:build"}}, None,
+                               ["train.model = 'nosuchpkg.nets:build'", "cannot import nosuchpkg.nets"]),
+    "factory-bad-kwargs": ({"train": {**NET, "model_kwargs": {"classes": 10}}}, user_net,
+                           ["calling it with train.model_kwargs = {'classes': 10} failed", "TypeError"]),
+    "factory-returns-no-module": ({"train": {**NET, "model": "models/net.py:not_a_model", "model_kwargs": {}}}, user_net,
+                                  ["returned a dict, not a torch.nn.Module"]),
+    "model-outputs-other-classes": ({"train": {**NET, "model_kwargs": {"num_classes": 5, "pixels": 256}}},
+                                    user_net, ["outputs shape (2, 5)", "the data has 10 classes", "train.model_kwargs to 10"]),
+    "model-wrong-input-size": ({"train": NET, "prepare": {"image_size": 8}}, user_net,
+                               ["fails on a batch of the prepared images, shape (2, 1, 8, 8)", "prepare.image_size"]),
+    "adopt-without-weights": ({"train": {**NET, "epochs": 0}}, user_net,
+                              ["train.epochs = 0 adopts", "needs train.weights"]),
+    "weights-missing-file": ({"train": {**NET, "weights": "models/nope.pt"}}, user_net,
+                             ["train.weights = 'models/nope.pt'", "does not exist"]),
+    "weights-wrong-keys": ({"train": {**NET, "weights": "models/w.pt"}},
+                           lambda r: user_weights(r, rename=True), ["models/w.pt", "does not fit the model",
+                                                                     "missing key(s) ['fc1.weight'", "unexpected key(s) ['layer1.weight'"]),
+    "weights-wrong-shapes": ({"train": {**NET, "weights": "models/w.safetensors"}},
+                             lambda r: user_weights(r, num_classes=5, name="w.safetensors"),
+                             ["models/w.safetensors", "shape mismatch", "fc2.weight (5, 32) vs (10, 32)"]),
+    "weights-unsafe-pickle": ({"train": {**NET, "weights": "models/w.pt"}},
+                              lambda r: user_weights(r, pickled_module=True), ["models/w.pt", "unsafe unpickling",
+                                                                                "state_dict"]),
+    "weights-not-a-state-dict": ({"train": {**NET, "weights": "models/w.pt"}},
+                                 lambda r: user_weights(r, wrap="optimizer"), ["models/w.pt", "no state_dict found"]),
     "unknown-source": ({"prepare": {"source": "parquet"}}, None, ["prepare.source = 'parquet'", "'digits'", "'npz'"]),
     "unknown-quantize-method": ({"quantize": {"method": "int4"}}, None, ["quantize.method = 'int4'", "'qat'", "'ptq'"]),
     "opset-too-old": ({"export": {"opset": 7}}, None, ["export.opset = 7", "greater than or equal to 13"]),

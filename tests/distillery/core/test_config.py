@@ -29,14 +29,14 @@ def test_default_params_validate(monkeypatch):
     monkeypatch.chdir(ROOT)
     configs = load_params(ROOT / "params.yaml")
     assert set(configs) == set(SECTIONS)
-    assert configs["train"].arch == "resnet18"
+    assert configs["train"].model == "resnet18"
 
 
 @pytest.mark.parametrize("patch, needles", [
     ({"train": {"epocs": 3}}, ["unknown key train.epocs", "did you mean 'epochs'"]),
     ({"trian": {"epochs": 3}}, ["unknown section 'trian'", "did you mean 'train'"]),
     ({"train": {"epochs": "ten"}}, ["train.epochs = 'ten'", "integer"]),
-    ({"train": {"epochs": 0}}, ["train.epochs = 0", "greater than or equal to 1"]),
+    ({"train": {"epochs": 0}}, ["train.epochs = 0 adopts a trained model", "needs train.weights"]),
     ({"prepare": {"path": "no/such/file.npz"}}, ["prepare.path", "does not exist"]),
     ({"prepare": {"source": "parquet"}}, ["prepare.source = 'parquet'", "'digits'"]),
     ({"benchmark": {"threads": [-1]}}, ["benchmark.threads", ">= 0"]),

@@ -1,0 +1,95 @@
+"""The user's own files as DVC deps: the data of `prepare`, the weights and model code of `train` and after.
+
+`params.yaml` names files that live outside the project's code (`prepare.path`, `prepare.test_path`,
+`train.weights`, the file of a `train.model` factory and the project files it imports). DVC re-runs
+a stage only for a dep it knows, so every stage that reads such a file lists it in `dvc.yaml`:
+`sync` rewrites those entries (comments and layout kept) whenever params.yaml names other files;
+the project's code deps and the artifacts of other stages are never touched.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from distillery.core.params import Section
+from distillery.models.factory import is_factory, source_files
+
+CODE_DIRS = ("distillery/", "tasks/", "flows/", "benchmarks/")
+BUNDLED = ("data/raw",)  # the bundled data folder, a dep of prepare in the repo's own dvc.yaml
+TEACHER = "models/teacher.pt"  # stages that rebuild the teacher's architecture read this
+
+
+def _as_dep(root: Path, path: str | Path) -> str:
+    p = Path(path)
+    full = (root / p).resolve() if not p.is_absolute() else p.resolve()
+    return full.relative_to(root).as_posix() if full.is_relative_to(root) else str(full)
+
+
+def wanted(root: Path, configs: dict[str, Section]) -> dict[str, list[str]]:
+    """Per role, the user files params.yaml names: {"data": [...], "weights": [...], "code": [...]}."""
+    root = root.resolve()
+    prep, train = configs["prepare"], configs["train"]
+    data = [_as_dep(root, p) for p in (prep.path, prep.test_path) if p is not None and prep.source != "digits"]
+    code = [_as_dep(root, root / f) for f in source_files(train.model, root)] if is_factory(train.model) else []
+    weights = [_as_dep(root, train.weights)] if train.weights is not None else []
+    return {"data": data, "weights": weights, "code": code}
+
+
+def _overlaps(dep: str, produced: list[str]) -> bool:
+    """Whether a stage writes `dep`, a file inside it, or a folder holding it (templated outs by their prefix)."""
+    return any(p == dep or p.startswith(dep.rstrip("/") + "/") or dep.startswith(p.rstrip("/") + "/") or
+               (p.endswith("/") and dep.startswith(p)) for p in produced)
+
+
+def _covered(dep: str, others: list[str]) -> bool:
+    return any(dep == o or dep.startswith(o.rstrip("/") + "/") for o in others)
+
+
+def plan(root: Path, configs: dict[str, Section], stages: dict) -> dict[str, list[str]]:
+    """The deps each stage should have: its own entries kept, the user entries replaced by what params name."""
+    files = wanted(root, configs)
+    produced = [str(o if isinstance(o, str) else next(iter(o))).split("${")[0] for st in stages.values()
+                for kind in ("outs", "metrics", "plots") for o in st.get("do", st).get(kind, [])]
+    new = {}
+    for name, st in stages.items():
+        body = st.get("do", st)
+        deps = [str(d) for d in body.get("deps", [])]
+        if name == "prepare":
+            extra = files["data"]
+        elif name == "train":
+            extra = files["code"] + files["weights"]
+        elif TEACHER in deps:
+            extra = files["code"]
+        else:
+            continue
+        own = [d for d in deps if d.startswith(CODE_DIRS) or d in BUNDLED or _overlaps(d, produced)]
+        extra = [e for e in extra if not _covered(e, own)]
+        if own + extra != deps:
+            new[name] = own + extra
+    return new
+
+
+def sync(root: Path | str, configs: dict[str, Section], write: bool = True) -> list[str]:
+    """Bring dvc.yaml's user-file deps in line with params.yaml; returns one line per stage changed."""
+    from ruamel.yaml import YAML
+    root = Path(root).resolve()
+    path = root / "dvc.yaml"
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.width = 120
+    doc = yaml.load(path.read_text())
+    changes = plan(root, configs, doc["stages"])
+    lines = []
+    for name, deps in changes.items():
+        body = doc["stages"][name].get("do", doc["stages"][name])
+        before = [str(d) for d in body["deps"]]
+        added = [d for d in deps if d not in before]
+        removed = [d for d in before if d not in deps]
+        body["deps"][:] = deps
+        lines.append(f"dvc.yaml: {name} deps" + (f" + {', '.join(added)}" if added else "")
+                     + (f" - {', '.join(removed)}" if removed else ""))
+    if changes and write:
+        tmp = path.with_suffix(".yaml.tmp")
+        with open(tmp, "w") as f:
+            yaml.dump(doc, f)
+        tmp.replace(path)
+    return lines

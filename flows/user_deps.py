@@ -12,10 +12,12 @@ from pathlib import Path
 
 from distillery.core.params import Section
 from distillery.models.factory import is_factory, source_files
+from tasks.paths import CHECKPOINTS
 
 CODE_DIRS = ("distillery/", "tasks/", "flows/", "benchmarks/")
 BUNDLED = ("data/raw",)  # the bundled data folder, a dep of prepare in the repo's own dvc.yaml
-TEACHER = "models/teacher.pt"  # stages that rebuild the teacher's architecture read this
+# The checkpoints rebuilt from train.model's spec: a stage reading one runs the user's model code.
+MODEL_CHECKPOINTS = {p.as_posix() for p in CHECKPOINTS.values()}
 
 
 def _as_dep(root: Path, path: str | Path) -> str:
@@ -57,7 +59,7 @@ def plan(root: Path, configs: dict[str, Section], stages: dict) -> dict[str, lis
             extra = files["data"]
         elif name == "train":
             extra = files["code"] + files["weights"]
-        elif TEACHER in deps:
+        elif MODEL_CHECKPOINTS & set(deps):
             extra = files["code"]
         else:
             continue

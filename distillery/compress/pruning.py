@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.utils.prune as torch_prune
 import torch_pruning as tp
 
+from distillery.core.errors import DistilleryError
 from distillery.training import FitConfig, History, fit
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
@@ -66,36 +67,80 @@ def sparsity(model: nn.Module) -> float:
     return sum(int((w == 0).sum()) for w in weights) / max(1, total)
 
 
-def _classifier(model: nn.Module) -> list[nn.Module]:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1:]
+@torch.no_grad()
+def _classifier(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+    """The Conv2d / Linear that runs last on `example_inputs`: the classifier, wherever the class defines it."""
+    ran: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda m, *_: ran.append(m)) for m in model.modules() if isinstance(m, PRUNABLE)]
+    try:
+        model(example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return ran[-1:]
+
+
+def _attention_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers inside attention blocks (a module with `num_heads`, or nn.MultiheadAttention).
+
+    Their channels are split into heads (qkv reshaped to [3, heads, head_dim]), which channel
+    pruning cannot keep consistent; left whole, only the MLP widths of a transformer are pruned.
+    """
+    layers = []
+    for name, m in model.named_modules():
+        if name and (isinstance(m, nn.MultiheadAttention) or hasattr(m, "num_heads")):
+            layers += [sub for sub in m.modules() if isinstance(sub, (*PRUNABLE, nn.MultiheadAttention))]
+    return layers
 
 
 def prune_structured(model: nn.Module, ratio: float, example_inputs: torch.Tensor) -> nn.Module:
     """A copy of `model` with `ratio` of the channels of every layer group removed (L2 group magnitude).
 
-    The final classifier keeps its outputs; Torch-Pruning keeps coupled layers (residual adds,
-    BN after conv) consistent.
+    The final classifier keeps its outputs and attention layers keep their heads (see
+    `_attention_layers`); Torch-Pruning keeps coupled layers (residual adds, BN after conv,
+    squeeze-and-excitation gates) consistent.
     """
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
     model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        before = model(example_inputs).shape
+    ignored = _classifier(model, example_inputs) + _attention_layers(model)
     pruner = tp.MetaPruner(model, example_inputs, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                           pruning_ratio=ratio, global_pruning=False, ignored_layers=_classifier(model))
+                           pruning_ratio=ratio, global_pruning=False, ignored_layers=ignored)
     pruner.step()
+    try:
+        with torch.no_grad():
+            after = model(example_inputs).shape
+    except RuntimeError as err:
+        raise DistilleryError(f"{type(model).__name__} no longer runs after channel pruning ({str(err).splitlines()[0]}); "
+                              "a layer reshapes its channels in a way Torch-Pruning does not track: prune it "
+                              "unstructured (method: unstructured) instead") from None
+    if after != before:
+        raise DistilleryError(f"channel pruning changed the output of {type(model).__name__} from {list(before)} to "
+                              f"{list(after)}; prune it unstructured (method: unstructured) instead")
     return model
 
 
+BatchNorm = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d
+
+
+def _layer_norm_1d(m: nn.Module) -> bool:
+    return isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
+
+
 def shapes_of(model: nn.Module) -> dict[str, list[int]]:
-    """Channel counts of every Conv2d ([out, in, groups]), Linear ([out, in]) and BatchNorm2d ([n])."""
+    """Channel counts of every Conv2d ([out, in, groups]), Linear ([out, in]), BatchNorm and LayerNorm ([n])."""
     shapes = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             shapes[name] = [m.out_channels, m.in_channels, m.groups]
         elif isinstance(m, nn.Linear):
             shapes[name] = [m.out_features, m.in_features]
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, BatchNorm):
             shapes[name] = [m.num_features]
+        elif _layer_norm_1d(m):
+            shapes[name] = [m.normalized_shape[0]]
     return shapes
 
 
@@ -110,8 +155,10 @@ def _shapes_from_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict
             shapes[name] = [out, in_per_group * groups, groups]
         elif isinstance(m, nn.Linear) and f"{prefix}weight" in state:
             shapes[name] = list(state[f"{prefix}weight"].shape)
-        elif isinstance(m, nn.BatchNorm2d) and f"{prefix}running_mean" in state:
+        elif isinstance(m, BatchNorm) and f"{prefix}running_mean" in state:
             shapes[name] = [len(state[f"{prefix}running_mean"])]
+        elif _layer_norm_1d(m) and f"{prefix}weight" in state:
+            shapes[name] = [len(state[f"{prefix}weight"])]
     return shapes
 
 
@@ -130,10 +177,14 @@ def _resize(m: nn.Module, shape: list[int]) -> None:
         m.out_features, m.in_features = shape
         m.weight = fresh(m.weight, m.out_features, m.in_features)
         m.bias = fresh(m.bias, m.out_features)
-    elif isinstance(m, nn.BatchNorm2d):
+    elif isinstance(m, BatchNorm):
         (m.num_features,) = shape
         for attr in ("weight", "bias", "running_mean", "running_var"):
             setattr(m, attr, fresh(getattr(m, attr), m.num_features))
+    elif _layer_norm_1d(m):
+        m.normalized_shape = tuple(shape)
+        for attr in ("weight", "bias"):
+            setattr(m, attr, fresh(getattr(m, attr), *shape))
 
 
 def rebuild_pruned(model: nn.Module, shapes_or_state: dict) -> nn.Module:

@@ -6,10 +6,14 @@ tensor. Signed INT8 activations measured slower than FP32 here, so they are not 
 
 `prepare_qat` folds BatchNorm into the preceding conv, traces the model with torch.fx and places
 fake-quantizers generically: on the model input; on the output of every conv / linear / add
-(after its ReLU when a ReLU is the only consumer, so conv+relu and add+relu stay fused); and on
-the input of every conv / linear whose input is not already on a quantization grid. Max-pool,
-flatten and reshape keep the grid; average pooling and non-foldable BatchNorm run in float.
+(after its ReLU or ReLU6 when that is the only consumer, so conv+relu and add+relu stay fused); and
+on the input of every conv / linear whose input is not already on a quantization grid. Max-pool,
+flatten and reshape keep the grid; everything else runs in float between a DequantizeLinear and a
+QuantizeLinear: pooling, non-foldable BatchNorm, hard-swish / GELU, squeeze-and-excitation gates,
+softmax and attention's activation-by-activation matmuls. A transformer's residual stream (an add
+that feeds a LayerNorm) stays float too: its outlier channels would take the whole UINT8 range.
 Gradients flow through the rounding by the straight-through estimator of `torch.fake_quantize_*`.
+Zoo models (torchvision, timm) trace as they are; see `trace`.
 
 `export_int8_onnx` turns the trained model into a real INT8 ONNX graph: INT8 weight and INT32
 bias initialisers feeding DequantizeLinear, UINT8 QuantizeLinear/DequantizeLinear pairs on the
@@ -18,6 +22,7 @@ activations, written by the dynamo exporter from `quantized_decomposed` ops.
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +37,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from distillery.core.artifacts import atomic_path
+from distillery.core.errors import DistilleryError
 from distillery.onnx_export import quiet_export, run_onnx
 from distillery.training import FitConfig, fit
 
@@ -40,35 +46,138 @@ A_QMIN, A_QMAX = 0, 255  # affine UINT8 activations
 EPS = 1e-8
 
 
-# ---------------------------------------------------------------- BatchNorm folding
+# ---------------------------------------------------------------- tracing and BatchNorm folding
+
+def _plain_layer(m: nn.Conv2d | nn.Linear) -> bool:
+    """Whether a Conv2d / Linear subclass computes exactly its base layer (timm's `Linear` does; `Conv2dSame` not)."""
+    base = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
+    if type(m).forward is base.forward:
+        return True
+    try:
+        graph = fx.Tracer().trace(m)
+    except Exception:
+        return False
+    calls = [n for n in graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
+    if len(calls) != 1 or calls[0].kwargs or not (calls[0].args and getattr(calls[0].args[0], "op", "") == "placeholder"):
+        return False
+    call = calls[0]
+    params = [a.target if isinstance(a, fx.Node) and a.op == "get_attr" else a for a in call.args[1:3]]
+    if params != ["weight", None if m.bias is None else "bias"]:
+        return False
+    if isinstance(m, nn.Conv2d):
+        return (call.target is torch.conv2d and m.padding_mode == "zeros"
+                and tuple(call.args[3:]) == (m.stride, m.padding, m.dilation, m.groups))
+    return call.target is torch._C._nn.linear
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, keeping Conv2d / Linear subclasses that are plain layers as leaves, like torch.nn's own."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        # decided before tracing: probing a layer while tracing would record its attribute reads in the graph
+        self.plain = {id(m) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and _plain_layer(m)}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return super().is_leaf_module(m, qualname) or id(m) in self.plain
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """The torch.fx graph of `model` called on one tensor; other `forward` arguments are fixed at their defaults.
+
+    Zoo models take optional extras (timm's ViT: `attn_mask=None, is_causal=False`); fixing them
+    keeps their `if` branches out of the graph and leaves the image as the only input.
+    """
+    extra = list(inspect.signature(model.forward).parameters.values())[1:]
+    concrete = {p.name: p.default for p in extra if p.default is not inspect.Parameter.empty}
+    tracer = _Tracer(model)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete or None)
+    except Exception as err:
+        where = next(reversed(tracer.module_stack.values()), ("", type(model)))
+        layer = f"layer {where[0]!r} ({where[1].__name__})" if where[0] else type(model).__name__
+        raise DistilleryError(f"torch.fx cannot trace {layer} of {type(model).__name__}: {str(err).splitlines()[0]}. "
+                              "QAT needs a forward without data-dependent Python control flow; rewrite that "
+                              "layer's forward or wrap the untraceable part with torch.fx.wrap") from err
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+BN_TENSORS = ("running_mean", "running_var", "weight", "bias")
+
+
+def _batchnorm(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, dict] | None:
+    """(module holding its tensors, {running_mean, running_var, weight, bias, eps}) for an inference 2-D BatchNorm.
+
+    Either a BatchNorm2d leaf or, for subclasses that fx traces through (timm's BatchNormAct2d:
+    BN, then its activation), the `F.batch_norm` call on the module's own tensors.
+    """
+    if node.op == "call_module" and isinstance(modules[node.target], nn.BatchNorm2d):
+        bn = modules[node.target]
+        if bn.running_mean is None:
+            return None
+        return node.target, {**{k: getattr(bn, k) for k in BN_TENSORS}, "eps": bn.eps}
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return None
+    args = {**dict(zip(BN_ARGS, node.args)), **node.kwargs}
+    tensors = {k: args.get(k) for k in BN_TENSORS}
+    if args.get("training") or any(not (t is None or isinstance(t, fx.Node) and t.op == "get_attr")
+                                   for t in tensors.values()):
+        return None
+    owners = {t.target.rpartition(".")[0] for t in tensors.values() if t is not None}
+    if tensors["running_mean"] is None or tensors["running_var"] is None or len(owners) != 1:
+        return None
+    owner = owners.pop()  # a plain container in the GraphModule: fx copies only the attributes the graph reads
+    values = {k: None if t is None else getattr(modules[owner], t.target.rpartition(".")[2]) for k, t in tensors.items()}
+    return owner, {**values, "eps": args.get("eps", 1e-5)}
+
+
+METADATA = ("ndim", "shape", "dtype", "device")
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of `node` that read its values, not only its shape (timm asserts `x.ndim == 4` before each BN)."""
+    return [u for u in node.users if not (u.op == "call_function" and u.target is getattr and u.args[1] in METADATA
+                                          or u.op == "call_method" and u.target in ("dim", "size"))]
+
 
 def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     """A traced copy of `model` with every BatchNorm2d that directly follows a conv folded into it.
 
     A BN whose input is not a conv used only by it (pre-activation BN in WRN) is left as it is.
-    Module names are kept, so parameter names (and pruning masks) still match the original.
+    BN subclasses that fx traces through (timm's BatchNormAct2d) fold the same way; their
+    activation stays. Module names are kept, so parameter names (and pruning masks) still match.
     """
     was_training = model.training
-    gm = fx.symbolic_trace(copy.deepcopy(model).eval())
+    gm = trace(copy.deepcopy(model).eval())
     modules = dict(gm.named_modules())
-    calls: dict[str, int] = {}
+    uses: dict[str, int] = {}  # calls of each module, reads of each BN tensor
     for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+        if node.op in ("call_module", "get_attr"):
+            key = node.target if node.op == "call_module" else node.target.rpartition(".")[0]
+            uses[key] = uses.get(key, 0) + 1
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+        found = _batchnorm(node, modules)
+        if found is None:
             continue
+        owner, bn = found
         conv_node = node.args[0]
+        n_reads = 1 if node.op == "call_module" else sum(bn[k] is not None for k in BN_TENSORS)
         if not (isinstance(conv_node, fx.Node) and conv_node.op == "call_module"
-                and isinstance(modules[conv_node.target], nn.Conv2d) and len(conv_node.users) == 1
-                and calls[conv_node.target] == 1 and calls[node.target] == 1):
+                and isinstance(modules[conv_node.target], nn.Conv2d)
+                and _value_users(conv_node) == [node] and uses[conv_node.target] == 1 and uses[owner] == n_reads):
             continue
-        conv, bn = modules[conv_node.target], modules[node.target]
-        conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
-                                                      bn.eps, bn.weight, bn.bias)
+        conv = modules[conv_node.target]
+        conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn["running_mean"], bn["running_var"],
+                                                      bn["eps"], bn["weight"], bn["bias"])
         node.replace_all_uses_with(conv_node)
+        reads = [a for a in node.all_input_nodes if a.op == "get_attr"]
         gm.graph.erase_node(node)
-        gm.delete_submodule(node.target)
+        if node.op == "call_module":
+            gm.delete_submodule(owner)
+        for a in reads:  # F.batch_norm: the module stays (its activation is still called), its BN tensors go
+            gm.graph.erase_node(a)
+            delattr(modules[owner], a.target.rpartition(".")[2])
     gm.graph.lint()
     gm.recompile()
     return gm.train(was_training)
@@ -180,7 +289,8 @@ class QuantLinear(nn.Linear, _MaskedWeight):
 
 # ---------------------------------------------------------------- graph patterns
 
-RELU_FUNCS = {F.relu, torch.relu}
+RELU_FUNCS = {F.relu, torch.relu, F.relu6}  # clip at 0 (and 6): ORT folds them into the QuantizeLinear after them
+RELU_MODULES = (nn.ReLU, nn.ReLU6)
 ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 SAME_GRID_FUNCS = {torch.flatten, torch.reshape, F.max_pool2d}  # outputs stay on the input's quantization grid
 SAME_GRID_METHODS = {"flatten", "view", "reshape"}
@@ -196,7 +306,7 @@ def _kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
             return "quant"
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             return "compute"
-        if isinstance(m, nn.ReLU):
+        if isinstance(m, RELU_MODULES):
             return "relu"
         if isinstance(m, SAME_GRID_MODULES):
             return "same_grid"
@@ -215,6 +325,17 @@ def _kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
         if node.target in SAME_GRID_METHODS:
             return "same_grid"
     return None
+
+
+def _feeds_layer_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether `node` is read by a LayerNorm / GroupNorm, directly or through grid-keeping ops (dropout)."""
+    for user in node.users:
+        if (user.op == "call_module" and isinstance(modules[user.target], (nn.LayerNorm, nn.GroupNorm))
+                or user.op == "call_function" and user.target in (F.layer_norm, F.group_norm)):
+            return True
+        if _kind(user, modules) == "same_grid" and _feeds_layer_norm(user, modules):
+            return True
+    return False
 
 
 def _grid_source(node, modules: dict[str, nn.Module]) -> fx.Node | None:
@@ -250,6 +371,10 @@ def prepare_qat(model: nn.Module, example_inputs: torch.Tensor, masks: dict[str,
     rebuilt the same way for a checkpoint: `prepare_qat(fresh_model, ...).load_state_dict(sd)`.
     """
     gm = fold_batchnorm(model)
+    for node in list(gm.graph.nodes):  # zoo blocks are full of Identity placeholders; they would hide conv -> relu
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Identity):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
     masks = masks or {}
     unknown = set(masks) - {n for n, _ in gm.named_parameters()}
     if unknown:
@@ -262,11 +387,12 @@ def prepare_qat(model: nn.Module, example_inputs: torch.Tensor, masks: dict[str,
             parent, _, attr = node.target.rpartition(".")
             setattr(gm.get_submodule(parent), attr, qcls.from_float(float_mod, masks.get(f"{node.target}.weight")))
     modules = dict(gm.named_modules())
+    image = next(n for n in gm.graph.nodes if n.op == "placeholder")  # the rest are fixed extras (see `trace`)
     for node in list(gm.graph.nodes):
         kind = _kind(node, modules)
-        if kind == "input":
+        if kind == "input" and node is image:
             _insert_quant(gm, node, node.name, cfg)
-        elif kind in ("compute", "add"):
+        elif kind == "compute" or kind == "add" and not _feeds_layer_norm(node, modules):
             users = list(node.users)
             if len(users) == 1 and _kind(users[0], modules) == "relu":
                 node = users[0]
@@ -376,10 +502,11 @@ class _Int8Weights(nn.Module):
         self.register_buffer("bias_int32", bias_q)
         self.register_buffer("bias_scale", bias_scale.float())
 
-    def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _weights(self, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) dequantized; `transposed`: the weight as [in, out], its channels on axis 1."""
         ops = torch.ops.quantized_decomposed
-        w = ops.dequantize_per_channel(self.weight_int8, self.weight_scale, self.weight_zero_point, 0,
-                                       W_QMIN, W_QMAX, torch.int8)
+        q, axis = (self.weight_int8.t(), 1) if transposed else (self.weight_int8, 0)
+        w = ops.dequantize_per_channel(q, self.weight_scale, self.weight_zero_point, axis, W_QMIN, W_QMAX, torch.int8)
         b = ops.dequantize_per_channel(self.bias_int32, self.bias_scale, None, 0, -2 ** 31, 2 ** 31 - 1, torch.int32)
         return w, b
 
@@ -403,8 +530,14 @@ class Int8Linear(_Int8Weights):
         self._store(linear.effective_weight(), linear.bias, input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self._weights()
-        return F.linear(x, w, b)
+        if x.dim() == 2:
+            w, b = self._weights()
+            return F.linear(x, w, b)  # Gemm with transB: ORT's QGemm
+        # Tokens ([batch, seq, features], a ViT): x @ W^T as a MatMul fed straight by the DequantizeLinear of
+        # the transposed INT8 weight (per column; the exporter folds the transpose into the initialiser),
+        # the form ORT's QDQ MatMul fusion takes; a Transpose after the DequantizeLinear would hide it.
+        w_t, b = self._weights(transposed=True)
+        return torch.matmul(x, w_t) + b
 
 
 def to_deploy(qat_model: fx.GraphModule) -> fx.GraphModule:

@@ -43,6 +43,36 @@ def _split(ref: str) -> tuple[str, str]:
     return m["target"], m["fn"]
 
 
+_TORCHVISION_OPS: list = []  # keeps the declared op library alive
+
+
+def _declare_torchvision_ops() -> None:
+    """PyPI's torchvision wheel for Linux is built against CUDA torch: beside the CPU build of torch its C++
+    extension (detection ops only: nms, roi_align, ...) does not load, and `import torchvision` fails while
+    registering a fake kernel for `torchvision::nms`. Classifiers never call those ops, so their schemas are
+    declared without kernels and the import goes through (a detection op would then fail when called)."""
+    if not _TORCHVISION_OPS:
+        lib = torch.library.Library("torchvision", "FRAGMENT")
+        for op in ("nms", "qnms"):
+            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _TORCHVISION_OPS.append(lib)
+
+
+def _retrying_torchvision(load):
+    try:
+        return load()
+    except RuntimeError as err:
+        if "torchvision::nms" not in str(err):
+            raise
+        _declare_torchvision_ops()
+        return load()
+
+
+def import_module(name: str):
+    """`importlib.import_module`, also for torchvision / timm next to a CPU torch (see `_declare_torchvision_ops`)."""
+    return _retrying_torchvision(lambda: importlib.import_module(name))
+
+
 def _is_file(target: str) -> bool:
     return target.endswith(".py") or "/" in target or "\\" in target
 
@@ -60,7 +90,7 @@ def _import_file(path: Path):
     sys.modules[name] = module
     no_cache, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in the user's folders
     try:
-        spec.loader.exec_module(module)
+        _retrying_torchvision(lambda: spec.loader.exec_module(module))
     except Exception as err:
         del sys.modules[name]
         raise ParamsError(f"train.model: importing {path} failed: {type(err).__name__}: {err}; "
@@ -81,7 +111,7 @@ def resolve(ref: str) -> Callable[..., nn.Module]:
         module = _import_file(path)
     else:
         try:
-            module = importlib.import_module(target)
+            module = import_module(target)
         except ImportError as err:
             raise ParamsError(f"train.model = {ref!r}: cannot import {target} ({err}); install it or give "
                               "path/to/file.py:function") from None

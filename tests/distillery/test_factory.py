@@ -97,3 +97,15 @@ def test_zoo_spec_takes_the_datas_shape_and_the_one_batch_check_compares_classes
     with pytest.raises(ParamsError, match="not a zoo model"):
         model_spec("resnet1000", {}, 1, 2, 8)
     assert "nets" not in sys.modules
+
+
+@pytest.mark.parametrize("ref, kwargs", [
+    ("timm:create_model", {"model_name": "resnet10t", "num_classes": 3}),
+    ("torchvision.models:mobilenet_v3_small", {"num_classes": 3}),
+])
+def test_the_maintained_zoos_build_through_a_factory_reference(ref, kwargs):
+    import importlib.util
+    if importlib.util.find_spec(ref.split(":")[0].split(".")[0]) is None:
+        pytest.skip("the dev extras hold timm and torchvision")
+    model = build_teacher(model_spec(ref, kwargs, 3, 3, 32))
+    check_classifier(model, torch.zeros(2, 3, 32, 32), 3)

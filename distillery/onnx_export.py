@@ -65,10 +65,14 @@ def run_onnx(path_or_session, x: np.ndarray, batch_size: int = 256) -> np.ndarra
 
 
 def onnx_stats(path: Path | str) -> dict:
-    """Size on disk, parameters, non-zero parameters and MACs (batch 1) of an ONNX model.
+    """Size on disk, parameters, non-zero parameters and MACs (batch 1) of an ONNX model, and the INT8 share.
 
     Parameters are the weight initialisers (Q/DQ scales and zero points and int64 shape
     constants excluded), counted through DequantizeLinear so INT8 and FP32 models compare.
+    `int8_macs` are those of the Conv / Gemm / MatMul nodes whose two inputs (activation and weight)
+    both come straight from a DequantizeLinear of INT8 or UINT8 data, the QDQ pattern ONNX Runtime
+    runs as an integer kernel; every other MAC (attention's activation-by-activation MatMuls, say,
+    or a layer left in float) is FP32. `int8_mac_share` = int8_macs / macs.
     """
     import onnx
     from onnx import numpy_helper, shape_inference
@@ -90,21 +94,31 @@ def onnx_stats(path: Path | str) -> dict:
     for name, init in inits.items():
         shapes[name] = list(init.dims)
     dq_source = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    dtypes = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.input)}
+    dtypes.update({name: init.data_type for name, init in inits.items()})
+    eight_bit = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
 
     def shape(name: str) -> list[int]:
         return shapes.get(name) or shapes.get(dq_source.get(name, ""), [])
 
-    macs = 0
+    def integer(node) -> bool:
+        return all(dtypes.get(dq_source.get(name, "")) in eight_bit for name in node.input[:2])
+
+    macs = int8_macs = 0
     for n in graph.node:
+        node_macs = 0
         if n.op_type == "Conv":
             w, out = shape(n.input[1]), shape(n.output[0])
             if w and out:
-                macs += int(np.prod(out)) * int(np.prod(w[1:]))
+                node_macs = int(np.prod(out)) * int(np.prod(w[1:]))
         elif n.op_type in ("Gemm", "MatMul"):
             a, out = shape(n.input[0]), shape(n.output[0])
             if a and out:
-                macs += int(np.prod(out)) * a[-1]
-    return {"size_bytes": path.stat().st_size, "params": int(params), "nonzero_params": int(nonzero), "macs": int(macs)}
+                node_macs = int(np.prod(out)) * a[-1]
+        macs += node_macs
+        int8_macs += node_macs if node_macs and integer(n) else 0
+    return {"size_bytes": path.stat().st_size, "params": int(params), "nonzero_params": int(nonzero), "macs": int(macs),
+            "int8_macs": int(int8_macs), "int8_mac_share": int8_macs / macs if macs else 0.0}
 
 
 def onnx_accuracy(path: Path | str, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:

@@ -1,10 +1,11 @@
 """The cross-run report: every model of every pipeline run in MLflow, side by side.
 
 One row per (pipeline run, model) for each pipeline run that executed `evaluate` or `benchmark`:
-accuracy from the evaluate run, size, latencies and speed-up from the benchmark run, and the
-params of every stage. A stage the pipeline reused (DVC found it unchanged) has no run of its own
-in that pipeline run; its figures and params are those of the same recipe's latest earlier run of
-that stage, which is what DVC reused. Every figure is copied from an MLflow metric, never recomputed.
+accuracy from the evaluate run, size, the share of MACs in INT8, latencies and speed-up from the
+benchmark run, and the params of every stage; an INT8 model that is not faster than the FP32
+teacher is flagged in a note, never left out. A stage the pipeline reused (DVC found it unchanged)
+has no run of its own in that pipeline run; its figures and params are those of the same recipe's
+latest earlier run of that stage, which is what DVC reused. Every figure is copied from an MLflow metric, never recomputed.
 Stage runs outside the flow (plain `dvc repro`) count as pipeline runs of their own.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ ACCURACY_STAGE, LATENCY_STAGE = "evaluate", "benchmark"  # the stages that log p
 FIGURES = {  # report column -> MLflow metric name, per model
     "accuracy": "{m}.accuracy",
     "size_bytes": "{m}.size_bytes",
+    "int8_mac_share": "{m}.int8_mac_share",
     "p50_ms_1t": "{m}.threads_1.p50_ms",
     "p50_ms_all": "{m}.threads_all.p50_ms",
     "speedup_1t": "{m}.threads_1.speedup_p50",
@@ -102,15 +104,27 @@ def pareto(df: pd.DataFrame) -> pd.Series:
     return pd.Series(front, index=df.index)
 
 
+def not_faster(rows: pd.DataFrame) -> pd.Series:
+    """'⚠ not faster than FP32 (x0.87 at 1T)' for an INT8 model no faster than the teacher; '' otherwise."""
+    int8 = rows["int8_mac_share"].astype(float).fillna(0) > 0
+    notes = []
+    for i in rows.index:
+        speedups = {"1T": rows.at[i, "speedup_1t"], "all cores": rows.at[i, "speedup_all"]}
+        slow = [f"x{float(v):.2f} at {label}" for label, v in speedups.items() if pd.notna(v) and float(v) <= 1.0]
+        notes.append(f"⚠ not faster than FP32 ({', '.join(slow)})" if int8[i] and slow else "")
+    return pd.Series(notes, index=rows.index, dtype=object)
+
+
 def summary(rows: pd.DataFrame) -> pd.DataFrame:
-    """The report's table: differing params only, the Pareto flag, newest run first."""
+    """The report's table: differing params only, the Pareto flag and warnings, newest run first."""
     if rows.empty:
         return rows
     params = [c for c in rows if c.startswith("param.")]
     differing = [c for c in params if rows[c].astype(str).nunique(dropna=False) > 1]
-    cols = ["model", "recipe", *differing, "accuracy", "size_bytes", "p50_ms_1t", "p50_ms_all", "speedup_1t",
-            "speedup_all", "pareto", "pipeline_run", "evaluate_run", "benchmark_run", "git_commit", "start_time"]
-    table = rows.assign(pareto=pareto(rows))
+    cols = ["model", "recipe", *differing, "accuracy", "size_bytes", "int8_mac_share", "p50_ms_1t", "p50_ms_all",
+            "speedup_1t", "speedup_all", "pareto", "note", "pipeline_run", "evaluate_run", "benchmark_run",
+            "git_commit", "start_time"]
+    table = rows.assign(pareto=pareto(rows), note=not_faster(rows))
     return table[cols].sort_values(["start_time", "recipe", "model"], ascending=[False, True, True]).reset_index(drop=True)
 
 
@@ -120,16 +134,20 @@ def markdown(table: pd.DataFrame) -> str:
         **{c.removeprefix("param."): table[c] for c in table if c.startswith("param.")},
         "accuracy %": 100 * table["accuracy"].astype(float),
         "size KiB": table["size_bytes"].astype(float) / 1024,
+        "INT8 MACs %": 100 * table["int8_mac_share"].astype(float),
         "p50 1T ms": table["p50_ms_1t"].astype(float),
         "p50 all ms": table["p50_ms_all"].astype(float),
         "speed-up 1T": table["speedup_1t"].astype(float),
         "Pareto": table["pareto"].map({True: "*", False: ""}),
+        "note": table["note"],
         "run": table["pipeline_run"].str[:8],
         "date": pd.to_datetime(table["start_time"], utc=True).dt.strftime("%Y-%m-%d %H:%M"),
     })
     return ("# Distillery: all runs\n\n"
             f"{len(table)} model results from {table['pipeline_run'].nunique()} pipeline run(s). Latency: ONNX "
             "Runtime, batch 1, p50; speed-up = the teacher's p50 / the model's, timed in the same process. "
+            "INT8 MACs: share of the MACs in Conv/Gemm/MatMul nodes fed by INT8 DequantizeLinear on both "
+            "inputs; a model with INT8 MACs that is not faster than the FP32 teacher on this CPU carries a ⚠ note. "
             "Params: only those that differ between runs. `*`: on the Pareto front of accuracy against "
             "p50 at one thread (no other result is both as accurate and as fast).\n\n"
             + shown.to_markdown(index=False, floatfmt=".3f", missingval="-") + "\n")

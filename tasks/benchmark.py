@@ -1,9 +1,10 @@
 """Stage `benchmark`: CPU latency of every step's deployed model, in one process with the teacher.
 
 ONNX Runtime, batch 1, at each `benchmark.threads` (0 = all cores); p50/p90/p99/mean, size,
-parameters, non-zeros and MACs; the CPU and its INT8 flags; ratios to the FP32 teacher. With the
-accuracies from `evaluate`, the recipe's table (`reports/pqd.md`, `.csv`) and its
-accuracy-against-latency plot (`reports/pqd_tradeoff.png`).
+parameters, non-zeros, MACs and the share of them that runs in INT8; the CPU and its INT8 flags;
+ratios to the FP32 teacher. With the accuracies from `evaluate`, the recipe's table
+(`reports/pqd.md`, `.csv`) and its accuracy-against-latency plot (`reports/pqd_tradeoff.png`). An
+INT8 model that is not faster than the teacher on this CPU is flagged in the table, never hidden.
 """
 from __future__ import annotations
 
@@ -27,18 +28,27 @@ ACCURACY = metrics("evaluate")
 BASELINE = "teacher"
 
 
+def not_faster(r: dict) -> str:
+    """'⚠ not faster than FP32 (x0.87 at 1T)' for an INT8 model (some MACs in INT8) no faster than the teacher."""
+    labels = {key: "all cores" if key == "threads_all" else f"{key.removeprefix('threads_')}T"
+              for key in r if key.startswith("threads_")}
+    slow = [f"x{r[key]['speedup_p50']:.2f} at {label}" for key, label in labels.items() if r[key]["speedup_p50"] <= 1.0]
+    return f"⚠ not faster than FP32 ({', '.join(slow)})" if r.get("int8_mac_share") and slow else ""
+
+
 def table(result: dict, accuracy: dict) -> pd.DataFrame:
-    """One row per step: accuracy, size, params, non-zeros, MACs, latency and speed-up."""
+    """One row per step: accuracy, size, params, non-zeros, MACs and their INT8 share, latency, speed-up, warnings."""
     rows = []
     for name, r in result["models"].items():
         row = {"step": name, "file": str(DEPLOYED.get(name, "")), "accuracy_pct": 100 * accuracy[name]["accuracy"],
                "size_kib": r["size_bytes"] / 1024, "params": r["params"], "nonzero_params": r["nonzero_params"],
-               "mmacs": r["macs"] / 1e6}
+               "mmacs": r["macs"] / 1e6, "int8_macs_pct": 100 * r.get("int8_mac_share", 0.0)}
         for key, t in r.items():
             if key.startswith("threads_"):
                 label = key.removeprefix("threads_")
                 row[f"p50_ms_{label}t"] = t["p50_ms"]
                 row[f"speedup_{label}t"] = t["speedup_p50"]
+        row["note"] = not_faster(r)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -73,7 +83,8 @@ def main() -> None:
         cpu = result["cpu"]
         caption = (f"CPU: {cpu['cpu_model']} ({cpu['cpu_cores']} cores, AVX-512 VNNI {cpu['avx512_vnni']}, "
                    f"AMX-INT8 {cpu['amx_int8']}), ONNX Runtime {cpu['onnxruntime_version']}, batch 1; "
-                   f"speed-up = teacher p50 / model p50, timed in one process.")
+                   f"speed-up = teacher p50 / model p50, timed in one process; int8_macs_pct = share of the "
+                   f"MACs in Conv/Gemm/MatMul nodes fed by INT8 DequantizeLinear on both inputs.")
         write_text(REPORT.with_suffix(".md"), "# Prune -> Quantize -> Distill\n\n"
                    + df.to_markdown(index=False, floatfmt=".3f") + f"\n\n{caption}\n")
         with atomic_path(REPORT.with_suffix(".csv")) as tmp:

@@ -170,7 +170,7 @@ def test_two_runs_from_scratch_with_the_same_seed_train_the_same_teacher(tmp_pat
         (root / "data").mkdir(parents=True)
         shutil.copytree(ROOT / "data/raw", root / "data/raw")
         shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-        set_params(root, prepare={"image_size": 8}, train={"arch": "toy", "width": 0.5, "epochs": 2, "patience": 2})
+        set_params(root, prepare={"image_size": 8}, train={"model": "toy", "model_kwargs": {"width": 0.5}, "epochs": 2, "patience": 2})
         projects.append(root)
     chain = f"{sys.executable} -m tasks.prepare && {sys.executable} -m tasks.train"
     procs = [subprocess.Popen(["bash", "-c", chain], cwd=root, env=env(), stdout=subprocess.PIPE,

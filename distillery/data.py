@@ -227,12 +227,18 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def _idx_pairs(path: Path) -> list[tuple[Path, Path]]:
-    images = sorted(f for f in path.iterdir() if "images" in f.name and "idx3" in f.name)
+    """(images, labels) file pairs; `train-images-idx3-ubyte` and `train-images.idx3-ubyte` namings both pair up,
+    and a file present both plain and gzipped (torchvision's MNIST/raw folder) counts once, plain."""
+    found = sorted(f for f in path.iterdir() if "images" in f.name and "idx3" in f.name)
+    plain = {f.name for f in found if f.suffix != ".gz"}
+    images = [f for f in found if not (f.suffix == ".gz" and f.name.removesuffix(".gz") in plain)]
     if not images:
         raise DataError(f"{path}: no '*images-idx3-ubyte' files; an IDX folder holds image/label file pairs")
     pairs = []
     for img in images:
-        lbl = path / img.name.replace("images-idx3", "labels-idx1")
+        lbl = path / img.name.replace("images", "labels").replace("idx3", "idx1")
+        if not lbl.exists() and lbl.suffix != ".gz" and lbl.with_name(lbl.name + ".gz").exists():
+            lbl = lbl.with_name(lbl.name + ".gz")
         if not lbl.exists():
             raise DataError(f"{img}: its labels file {lbl.name} is missing")
         pairs.append((img, lbl))

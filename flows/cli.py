@@ -93,8 +93,11 @@ def params(section: str = typer.Argument(None, help="one section; all when left 
         for key, field in schema.model_fields.items():
             ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
             bounds = ", ".join(f"{ops[op]} {getattr(m, op)}" for m in field.metadata for op in ops if hasattr(m, op))
-            value = (values.get(name) or {}).get(key, "<missing>")
-            typer.echo(f"  {key} = {value!r}    # {field.description}" + (f" [{bounds}]" if bounds else ""))
+            section_values = values.get(name) or {}
+            value = section_values[key] if key in section_values else \
+                "<missing>" if field.is_required() else f"{field.default!r} (default)"
+            shown = value if isinstance(value, str) and value.endswith("(default)") else repr(value)
+            typer.echo(f"  {key} = {shown}    # {field.description}" + (f" [{bounds}]" if bounds else ""))
 
 
 @app.command()

@@ -164,3 +164,18 @@ def test_idx_t10k_files_are_the_test_split(tmp_path):
     assert load_data("idx", str(folder), 7, False).test_source == "carved"
     assert check_source("idx", str(folder)) == {"classes": [str(i) for i in range(5)], "num_classes": 5,
                                                 "in_channels": 1, "test_source": "carved"}
+
+
+def test_idx_as_torchvision_leaves_it_counts_each_file_once_and_dotted_names_pair(tmp_path):
+    folder = make_idx(tmp_path)  # torchvision's MNIST/raw holds every file twice: plain and gzipped
+    for f in list(folder.iterdir()):
+        if f.suffix == ".gz":
+            f.with_name(f.name.removesuffix(".gz")).write_bytes(gzip.decompress(f.read_bytes()))
+        else:
+            f.with_name(f.name + ".gz").write_bytes(gzip.compress(f.read_bytes()))
+    data = load_data("idx", str(folder), 7, False)
+    assert len(data.x) == 20 and len(data.test[0]) == 10
+    for f in list(folder.iterdir()):  # the dotted names of some mirrors: train-images.idx3-ubyte
+        f.rename(f.with_name(f.name.replace("-idx", ".idx")))
+    data = load_data("idx", str(folder), 7, False)
+    assert len(data.x) == 20 and len(data.test[0]) == 10 and data.test_source == "official"

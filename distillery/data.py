@@ -62,9 +62,13 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
         raise DataError(f"{path}: 'y' must be a 1-D integer label array, got {y.dtype} {y.shape}")
     if len(y) != len(x):
         raise DataError(f"{path}: 'x' holds {len(x)} images but 'y' {len(y)} labels; give one label per image")
-    x = x.astype(np.float32)
-    if x.max(initial=0) > 1.0:
-        x = x / 255.0 if x.max() <= 255 else x / x.max()
+    # pixels to [0, 1] by the dtype's range, so a train file and a test file are scaled alike
+    if np.issubdtype(x.dtype, np.integer):
+        x = x.astype(np.float32) / float(np.iinfo(x.dtype).max if x.dtype != np.uint8 and x.max(initial=0) > 255 else 255)
+    else:
+        x = x.astype(np.float32)
+        if x.max(initial=0) > 1.0:
+            x = x / 255.0 if x.max() <= 255 else x / x.max()
     n_classes = int(y.max()) + 1 if len(y) else 0
     return x, y.astype(np.int64), names if names is not None else [str(i) for i in range(n_classes)]
 
@@ -107,8 +111,9 @@ def _class_folders(path: Path) -> list[str]:
 
 def _image_files(folder: Path) -> list[Path]:
     """The images of a class folder; hidden files (macOS's ._photo.jpg) are not images."""
-    return [f for f in sorted(folder.iterdir())
-            if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()]
+    return [f for f in sorted(folder.rglob("*"))  # nested folders too, as torchvision's ImageFolder walks them
+            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+            and not any(part.startswith(".") for part in f.relative_to(folder).parts)]
 
 
 def load_image_folder(path: Path, image_size: int, grayscale: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:

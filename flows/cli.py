@@ -39,6 +39,17 @@ def check_params(path: Path) -> dict:
     return configs
 
 
+def notes(configs: dict) -> list[str]:
+    """Valid but probably unintended settings, said before the run."""
+    prep, train = configs["prepare"], configs["train"]
+    lines = []
+    if train.weights is not None and prep.normalize == "dataset":
+        lines.append("note: train.weights come with prepare.normalize = dataset (the train split's own mean and std); "
+                     "if your network was trained with other values, give them as {mean: [...], std: [...]} "
+                     "or none, or its measured accuracy will be off")
+    return lines
+
+
 def check_model(train, data: dict, image_size: int) -> None:
     """Build `train.model` (zoo or factory) with `train.weights`, and run a batch shaped like the prepared data."""
     import torch
@@ -70,8 +81,8 @@ def validate(params: Path = typer.Option(None, help="params file to check [defau
         pending = sync(path.parent, configs, write=False) if (path.parent / "dvc.yaml").is_file() else []
     except DistilleryError as err:
         fail(err, debug=False)
-    for line in pending:
-        typer.echo(f"{line}  (pending: `distillery run` writes it)")
+    for line in notes(configs) + [f"{line}  (pending: `distillery run` writes it)" for line in pending]:
+        typer.echo(line)
     typer.echo(f"{params}: ok")
 
 
@@ -111,17 +122,19 @@ def run(recipe: str = typer.Argument(..., help=f"one of: {', '.join(RECIPES)}"),
         if recipe not in RECIPES:
             raise DistilleryError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
         configs = check_params(root / "params.yaml")  # before Prefect's start-up: bad params cost no time
-        from flows.user_deps import sync
-        for line in sync(root, configs):  # the files params.yaml names are deps of the stages that read them
-            typer.echo(line)
     except DistilleryError as err:
         fail(err, debug)
+    for line in notes(configs):
+        typer.echo(line)
     embedded_defaults(root)
     if debug:
         os.environ["DISTILLERY_DEBUG"] = "1"
     from flows.pipeline import pipeline, project_lock
     try:
         with project_lock(root):
+            from flows.user_deps import sync
+            for line in sync(root, configs):  # the files params.yaml names are deps of the stages that read them
+                typer.echo(line)
             if recipe == "ablation":  # the six orders side by side, concurrently (flows/ablation.py)
                 from flows.ablation import ablation_flow
                 state = ablation_flow()(root=str(root), return_state=True)

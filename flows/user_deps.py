@@ -3,13 +3,18 @@
 `params.yaml` names files that live outside the project's code (`prepare.path`, `prepare.test_path`,
 `train.weights`, the file of a `train.model` factory and the project files it imports). DVC re-runs
 a stage only for a dep it knows, so every stage that reads such a file lists it in `dvc.yaml`:
-`sync` rewrites those entries (comments and layout kept) whenever params.yaml names other files;
+`sync` rewrites those entries (the rest of dvc.yaml byte for byte) whenever params.yaml names other files;
 the project's code deps and the artifacts of other stages are never touched.
 """
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
+import yaml
+
+from distillery.core.errors import DistilleryError
 from distillery.core.params import Section
 from distillery.models.factory import is_factory, source_files
 from tasks.paths import CHECKPOINTS
@@ -70,28 +75,52 @@ def plan(root: Path, configs: dict[str, Section], stages: dict) -> dict[str, lis
     return new
 
 
+def _flow_list(items: list[str], indent: int, width: int = 118) -> str:
+    """A YAML flow sequence wrapped at `width`, continuation lines aligned after the bracket."""
+    quoted = [i if re.fullmatch(r"[\w./@+-]+", i) else json.dumps(i) for i in items]
+    lines, line = [], ""
+    for item in quoted:
+        piece = f"{item}, "
+        if line and indent + len(line) + len(piece) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += piece
+    lines.append(line.rstrip().rstrip(","))
+    return "[" + ("\n" + " " * indent).join(lines) + "]"
+
+
 def sync(root: Path | str, configs: dict[str, Section], write: bool = True) -> list[str]:
-    """Bring dvc.yaml's user-file deps in line with params.yaml; returns one line per stage changed."""
-    from ruamel.yaml import YAML
+    """Bring dvc.yaml's user-file deps in line with params.yaml; returns one line per stage changed.
+
+    Only the `deps:` lists of the changed stages are rewritten, in place: the rest of the file
+    (comments, layout, the other stages) stays byte for byte.
+    """
     root = Path(root).resolve()
     path = root / "dvc.yaml"
-    yaml = YAML()
-    yaml.preserve_quotes = True
-    yaml.width = 120
-    doc = yaml.load(path.read_text())
-    changes = plan(root, configs, doc["stages"])
+    text = path.read_text()
+    stages = yaml.safe_load(text)["stages"]
+    changes = plan(root, configs, stages)
     lines = []
     for name, deps in changes.items():
-        body = doc["stages"][name].get("do", doc["stages"][name])
-        before = [str(d) for d in body["deps"]]
+        before = [str(d) for d in stages[name].get("do", stages[name])["deps"]]
         added = [d for d in deps if d not in before]
         removed = [d for d in before if d not in deps]
-        body["deps"][:] = deps
+        header = re.search(rf"(?m)^  {re.escape(name)}:\s*$", text)
+        block = re.compile(r"(?m)^(?P<lead>\s+deps: )\[[^\]]*\]")
+        found = block.search(text, header.end()) if header else None
+        if found is None:
+            raise DistilleryError(f"dvc.yaml: stage {name!r} has no `deps: [...]` list to update; add its deps "
+                                  f"{', '.join(added)} by hand")
+        text = text[:found.start()] + found["lead"] + _flow_list(deps, len(found["lead"]) + 1) + text[found.end():]
         lines.append(f"dvc.yaml: {name} deps" + (f" + {', '.join(added)}" if added else "")
                      + (f" - {', '.join(removed)}" if removed else ""))
-    if changes and write:
-        tmp = path.with_suffix(".yaml.tmp")
-        with open(tmp, "w") as f:
-            yaml.dump(doc, f)
-        tmp.replace(path)
+    if changes:
+        check = yaml.safe_load(text)["stages"]
+        if any(check[n].get("do", check[n])["deps"] != d for n, d in changes.items()):
+            raise DistilleryError("dvc.yaml: rewriting the deps lists went wrong (an unusual layout?); "
+                                  f"add by hand: {'; '.join(lines)}")
+        if write:
+            tmp = path.with_suffix(".yaml.tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
     return lines

@@ -11,6 +11,7 @@ keyed by the config and the data so that a stale one is never picked up.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pandas as pd
@@ -42,7 +43,9 @@ def main() -> None:
             record = {"val_acc": accuracy(model, *val), "best_epoch": 0, "epochs_run": 0}
             hist = None
         else:
-            state_path = resume_file("train", cfg.model_dump(), json.dumps(meta, sort_keys=True))
+            data_key = hashlib.sha256(train[0].tobytes() + train[1].tobytes()).hexdigest()
+            state_path = resume_file("train", {**cfg.model_dump(), "source": source},
+                                     json.dumps(meta, sort_keys=True) + data_key)  # new code, weights or data: no resume
             hist = fit(model, train, val, FitConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                                     weight_decay=cfg.weight_decay, patience=cfg.patience,
                                                     seed=cfg.seed),
@@ -70,12 +73,12 @@ def model_source(model: str, weights: str | None) -> dict:
         files = source_files(model)
         if files:
             source["code"] = ", ".join(f"{f} (md5 {file_md5(f)})" for f in files)
-        else:
+        else:  # an installed package: its version says which code ran
             from importlib.metadata import PackageNotFoundError, version
             package = model.partition(":")[0].split(".")[0]
             try:
                 source["code"] = f"{package} {version(package)}"
-            except PackageNotFoundError:
+            except (PackageNotFoundError, ValueError):
                 source["code"] = package
     if weights is not None:
         source["weights"] = f"{weights} (md5 {file_md5(weights)})"

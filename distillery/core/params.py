@@ -108,6 +108,11 @@ class PrepareConfig(Section):
             if is_dir != wants_dir:
                 raise ValueError(f"prepare.{key} = {value!r} is a {'folder' if is_dir else 'file'}, but prepare.source = "
                                  f"{self.source!r} needs {SOURCE_PATHS[self.source]}")
+        if self.test_path is not None:
+            train, test = Path(self.path).resolve(), Path(self.test_path).resolve()
+            if train == test or train.is_relative_to(test) or test.is_relative_to(train):
+                raise ValueError(f"prepare.test_path = {self.test_path!r} overlaps prepare.path = {self.path!r}: the test "
+                                 "images would also be training images; give a held-out split in a place of its own")
         return self
 
     @model_validator(mode="after")

@@ -56,8 +56,14 @@ def model_spec(model: str, kwargs: dict, in_channels: int, num_classes: int, ima
     if model not in MODELS:
         raise ParamsError(f"train.model = {model!r}: not a zoo model ({', '.join(sorted(MODELS))}) nor a factory "
                           "reference (path/to/file.py:function or package.module:function)")
+    for key, low, high in (("width", 0, 16), ("depth", 1, 64)):  # the zoo's scaling knobs
+        value = kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not (low < value <= high if key == "width" else low <= value <= high)):
+            raise ParamsError(f"train.model_kwargs.{key} = {value!r}: the zoo's {key} must be a number in "
+                              f"{'(0, 16]' if key == 'width' else '[1, 64]'}")
     spec = {"arch": model, "in_channels": in_channels, "num_classes": num_classes, **kwargs}
-    if model == "vgg16_bn":
+    if model in ("vgg16_bn", "vit"):  # their classifier's input size follows the image size
         spec.setdefault("image_size", image_size)
     return spec
 
@@ -68,6 +74,8 @@ def build_teacher(spec: dict, weights: str | None = None) -> nn.Module:
         model = build_model(spec)
     except TypeError as err:  # a zoo constructor given a keyword it does not take
         raise ParamsError(f"train.model_kwargs: {err}; allowed keywords are the constructor's") from None
+    except (ValueError, AssertionError) as err:  # a zoo constructor refusing a value (WRN depth 6n+4, ...)
+        raise ParamsError(f"train.model = {spec.get('arch')!r} with train.model_kwargs: {err}") from None
     if weights is not None:
         factory.load_user_weights(model, weights)
     return model

@@ -115,6 +115,10 @@ def resolve(ref: str) -> Callable[..., nn.Module]:
         except ImportError as err:
             raise ParamsError(f"train.model = {ref!r}: cannot import {target} ({err}); install it or give "
                               "path/to/file.py:function") from None
+        except Exception as err:  # the module itself is broken: a SyntaxError, an error at import time
+            raise ParamsError(f"train.model = {ref!r}: importing {target} failed: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:300] if str(err) else ''}; fix the module so that it "
+                              "imports cleanly") from None
     obj = module
     for part in fn.split("."):
         if not hasattr(obj, part):
@@ -141,43 +145,65 @@ def build(ref: str, kwargs: dict) -> nn.Module:
     return model
 
 
+def _installed(path: Path) -> bool:
+    """Whether `path` belongs to an installed package (a virtual environment, site-packages), not to the user."""
+    return bool({"site-packages", "dist-packages", ".venv", "venv"} & set(path.parts)) or \
+        path.is_relative_to(Path(sys.prefix).resolve()) or path.is_relative_to(Path(sys.base_prefix).resolve())
+
+
 def source_files(ref: str, root: Path | str = ".") -> list[Path]:
-    """The project files a factory's code comes from (its file and the project files it imports), relative
-    to `root`; empty for an installed package outside the project. DVC tracks these as deps."""
+    """The user's files a factory's code comes from: its file and the user files it imports, transitively.
+
+    Paths inside `root` come back relative to it, others absolute; empty for an installed package
+    (`timm:create_model`: its version is pinned, not tracked as a file). DVC tracks these as deps.
+    Imports resolve as Python resolves them for the factory: against the factory file's folder and
+    the project root (absolute), or the importing file's package (relative); a package's
+    `__init__.py` counts too.
+    """
     root = Path(root).resolve()
     target, _ = _split(ref)
     if _is_file(target):
         start = (root / target).resolve()
     else:
-        spec = importlib.util.find_spec(target.split(".")[0])
         try:
-            start = Path(importlib.util.find_spec(target).origin).resolve() if spec else None
-        except (ImportError, TypeError, AttributeError):
-            start = None
-    if start is None or not start.is_file() or not start.is_relative_to(root):
+            spec = importlib.util.find_spec(target)
+        except (ImportError, ValueError, AttributeError):
+            spec = None
+        start = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+    if start is None or not start.is_file() or _installed(start):
         return []
+    search = [start.parent, root]
     seen, todo = {start}, [start]
+
+    def add(f: Path) -> None:
+        f = f.resolve()
+        if f.is_file() and f not in seen and not _installed(f):
+            seen.add(f)
+            todo.append(f)
+
     while todo:
         path = todo.pop()
         try:
             tree = ast.parse(path.read_text())
-        except (SyntaxError, UnicodeDecodeError):
+        except (SyntaxError, UnicodeDecodeError, OSError):
             continue
         for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] + [f"{node.module}.{a.name}" if node.module else a.name for a in node.names] \
-                if isinstance(node, ast.ImportFrom) else []
-            bases = [path.parent] if isinstance(node, ast.Import) or not getattr(node, "level", 0) \
-                else [path.parents[node.level - 1]]
+            if isinstance(node, ast.Import):
+                names, bases = [a.name for a in node.names], search
+            elif isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                names = [mod] + [f"{mod}.{a.name}" if mod else a.name for a in node.names]
+                bases = [path.parents[node.level - 1]] if node.level else search
+            else:
+                continue
             for name in names:
-                for base in {*bases, root} if not getattr(node, "level", 0) else bases:
-                    cand = base.joinpath(*name.split("."))
-                    for f in (cand.with_suffix(".py"), cand / "__init__.py"):
-                        f = f.resolve()
-                        if f.is_file() and f.is_relative_to(root) and f not in seen and ".venv" not in f.parts:
-                            seen.add(f)
-                            todo.append(f)
-    return sorted(p.relative_to(root) for p in seen)
+                parts = [p for p in name.split(".") if p]
+                for base in bases:
+                    for i in range(1, len(parts) + 1):  # a package's __init__ runs before its modules
+                        cand = base.joinpath(*parts[:i])
+                        add(cand.with_suffix(".py"))
+                        add(cand / "__init__.py")
+    return sorted(p.relative_to(root) if p.is_relative_to(root) else p for p in seen)
 
 
 def _find_state(obj, path: Path) -> dict[str, torch.Tensor]:
@@ -190,6 +216,20 @@ def _find_state(obj, path: Path) -> dict[str, torch.Tensor]:
     keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
     raise ParamsError(f"train.weights = {str(path)!r}: no state_dict found (top-level keys {keys}); save "
                       f"model.state_dict(), or a dict holding it under one of {', '.join(STATE_KEYS)}")
+
+
+def _load_weights_only(path: Path):
+    """`torch.load(weights_only=True)`, also admitting numpy scalars and dtypes: training scripts often save
+    `{"state_dict": ..., "best_acc": np.float64(...)}`, and a numpy scalar runs no code when unpickled."""
+    import numpy as np
+    allowed = [np.dtype, type(np.dtype("float64")), type(np.dtype("float32")), type(np.dtype("int64"))]
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            allowed.append(importlib.import_module(module).scalar)
+        except (ImportError, AttributeError):
+            pass
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
@@ -206,7 +246,7 @@ def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
             raise ParamsError(f"train.weights = {str(path)!r}: not a readable safetensors file ({err})") from None
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _load_weights_only(path)
         except pickle.UnpicklingError as err:
             found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
             if found is None:

@@ -184,3 +184,30 @@ def test_prepare_stage_writes_the_users_splits(photos, monkeypatch, capsys):
         assert f["x"].min() >= -1.0 and f["x"].max() <= 1.0
     out = capsys.readouterr().out
     assert "test split val (prepare.test_path; test_ratio ignored)" in out and "normalize explicit" in out
+
+
+def test_images_in_nested_folders_of_a_class_count_as_torchvisions_imagefolder_counts_them(tmp_path):
+    root = photo_folder(tmp_path / "imgs", ("a", "b"), 2, 0)
+    photo(root / "a" / "2024" / "trip" / "x.jpg", (30, 20), "RGB", 7)
+    photo(root / "b" / ".thumbnails" / "y.png", (30, 20), "RGB", 8)  # a hidden folder is not data
+    x, y, _ = load_source("imagefolder", str(root), 8, False)
+    assert len(x) == 5 and y.tolist() == [0, 0, 0, 1, 1]
+
+
+def test_npz_pixels_are_scaled_by_their_dtype_so_train_and_test_agree(tmp_path):
+    for name, top in (("train", 4000), ("test", 1000)):  # uint16 files with different maxima
+        x = np.full((6, 4, 4), top, np.uint16)
+        np.savez(tmp_path / f"{name}.npz", x=x, y=np.arange(6) % 2)
+    train, test = (load_source("npz", str(tmp_path / f"{n}.npz"), 4, False)[0] for n in ("train", "test"))
+    assert np.allclose(train, 4000 / 65535) and np.allclose(test, 1000 / 65535)
+    np.savez(tmp_path / "u8.npz", x=np.full((6, 4, 4), 51, np.uint8), y=np.arange(6) % 2)
+    assert np.allclose(load_source("npz", str(tmp_path / "u8.npz"), 4, False)[0], 0.2)
+
+
+def test_a_test_path_that_overlaps_path_is_refused(photos):
+    train, _ = photos
+    for test in (train, train / "cat"):
+        with pytest.raises(ParamsError, match="overlaps prepare.path"):
+            parse_section("prepare", {"source": "imagefolder", "path": str(train), "test_path": str(test),
+                                      "image_size": 8, "grayscale": False, "normalize": "none", "val_ratio": 0.2,
+                                      "test_ratio": 0.2, "seed": 0})

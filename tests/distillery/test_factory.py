@@ -109,3 +109,40 @@ def test_the_maintained_zoos_build_through_a_factory_reference(ref, kwargs):
         pytest.skip("the dev extras hold timm and torchvision")
     model = build_teacher(model_spec(ref, kwargs, 3, 3, 32))
     check_classifier(model, torch.zeros(2, 3, 32, 32), 3)
+
+
+def test_source_files_follow_python_and_leave_installed_packages_and_outside_files_right(project, tmp_path_factory):
+    (project / "nets" / "layers").mkdir()
+    (project / "nets" / "layers" / "__init__.py").write_text("")
+    (project / "nets" / "layers" / "blocks.py").write_text("import helpers\n")
+    (project / "nets" / "helpers.py").write_text("")  # found on the factory file's folder, as Python finds it
+    (project / "nets" / "deep.py").write_text("from layers.blocks import B\n")
+    assert factory.source_files("nets/deep.py:build", project) == [
+        Path("nets/deep.py"), Path("nets/helpers.py"), Path("nets/layers/__init__.py"), Path("nets/layers/blocks.py")]
+    outside = tmp_path_factory.mktemp("course") / "net.py"
+    shutil.copy(USER_NET, outside)
+    assert factory.source_files(f"{outside}:build", project) == [outside.resolve()]  # tracked by its absolute path
+    assert factory.source_files("torch.nn:Linear", Path(torch.__file__).parents[2]) == []  # installed, even inside root
+
+
+def test_a_broken_package_module_and_numpy_scalars_in_a_checkpoint(project, tmp_path, monkeypatch):
+    (project / "mypkg").mkdir()
+    (project / "mypkg" / "__init__.py").write_text("")
+    (project / "mypkg" / "bad.py").write_text("def build(:\n")
+    monkeypatch.syspath_prepend(str(project))
+    with pytest.raises(ParamsError, match=r"importing mypkg\.bad failed: SyntaxError"):
+        factory.build("mypkg.bad:build", {})
+    import numpy as np
+    net = factory.build("nets/net.py:build", {})
+    torch.save({"state_dict": net.state_dict(), "best_acc": np.float64(0.97), "epoch": np.int64(3)}, tmp_path / "c.pt")
+    factory.load_user_weights(factory.build("nets/net.py:build", {}), tmp_path / "c.pt")
+
+
+@pytest.mark.parametrize("model, kwargs, needle", [
+    ("toy", {"width": 0}, "width = 0: the zoo's width must be a number in (0, 16]"),
+    ("resnet18", {"depth": 0}, "depth = 0: the zoo's depth must be a number in [1, 64]"),
+    ("wrn28_10", {"depth": 20}, "WRN depth must be 6n"),
+])
+def test_zoo_kwargs_out_of_range_are_one_clear_error(model, kwargs, needle):
+    with pytest.raises(ParamsError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+        build_teacher(model_spec(model, kwargs, 3, 10, 16))

@@ -72,3 +72,15 @@ def test_validate_reports_pending_deps_without_writing(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "train deps + models/layers.py, models/net.py  (pending" in result.output
     assert (root / "dvc.yaml").read_text() == text
+
+
+def test_only_the_deps_lists_of_changed_stages_are_rewritten(tmp_path, monkeypatch):
+    root = project(tmp_path, {"model": "models/net.py:build", "model_kwargs": {}})
+    monkeypatch.chdir(root)
+    old = (root / "dvc.yaml").read_text().splitlines()
+    sync(root, load_params(root / "params.yaml"))
+    new = (root / "dvc.yaml").read_text().splitlines()
+    changed = [line for line in new if line not in old]
+    assert changed and all("deps:" in line or line.startswith(" " * 11) for line in changed), changed
+    assert [line for line in old if "metrics:" in line or "#" in line] == \
+        [line for line in new if "metrics:" in line or "#" in line]  # comments and other keys untouched

@@ -331,13 +331,19 @@ class RawData(NamedTuple):
     test_source: str  # "test_path" | "official" | "carved"
 
 
-def _check_test_classes(test_classes: list[str], classes: list[str], path: str | None, test_path: str) -> None:
+def _test_labels(test_classes: list[str], classes: list[str], path: str | None, test_path: str) -> np.ndarray:
+    """For each test label, the label of the same class in the train data: by name, or by index when the test
+    file names no classes of its own (an NPZ without `classes`, a CIFAR folder without its meta file)."""
     known = set(classes)
     unknown = [c for c in test_classes if c not in known]
+    by_index = test_classes == [str(i) for i in range(len(test_classes))] and len(test_classes) <= len(classes)
+    if unknown and by_index:
+        return np.arange(len(test_classes), dtype=np.int64)
     if unknown:
         more = ", ..." if len(classes) > 10 else ""
         raise DataError(f"{test_path}: test class(es) {', '.join(map(repr, unknown[:5]))} not among the classes of {path} "
                         f"({', '.join(classes[:10])}{more}); give the test data only classes the train data has")
+    return np.array([classes.index(c) for c in test_classes], np.int64)
 
 
 def load_data(source: str, path: str | None, image_size: int, grayscale: bool, test_path: str | None = None) -> RawData:
@@ -351,8 +357,7 @@ def load_data(source: str, path: str | None, image_size: int, grayscale: bool, t
         test_files, test_classes = _read_files(source, test_path, image_size, grayscale)
         xt, yt = _concat(test_files.values())
         _check_loaded(xt, yt, test_classes, test_path, min_classes=1)
-        _check_test_classes(test_classes, classes, path, test_path)
-        test, test_source = (xt, np.array([classes.index(c) for c in test_classes], np.int64)[yt]), "test_path"
+        test, test_source = (xt, _test_labels(test_classes, classes, path, test_path)[yt]), "test_path"
     elif _test_source(source, files) == "official":
         official = [n for n in files if _is_official_test(source, n)]
         test, test_source = _concat(files.pop(n) for n in official), "official"
@@ -625,7 +630,7 @@ def check_source(source: str, path: str | None, test_path: str | None = None, gr
         found = INSPECT[source](Path(path), grayscale, 2)
     if test_path is not None:
         test = INSPECT[source](Path(test_path), grayscale, 1)
-        _check_test_classes(test["classes"], found["classes"], path, test_path)
+        _test_labels(test["classes"], found["classes"], path, test_path)
         if test["in_channels"] != found["in_channels"]:
             raise DataError(f"{test_path}: test images have {test['in_channels']} channel(s) but those of {path} "
                             f"{found['in_channels']}; give both in one format (or set prepare.grayscale: true)")

@@ -211,3 +211,13 @@ def test_a_test_path_that_overlaps_path_is_refused(photos):
             parse_section("prepare", {"source": "imagefolder", "path": str(train), "test_path": str(test),
                                       "image_size": 8, "grayscale": False, "normalize": "none", "val_ratio": 0.2,
                                       "test_ratio": 0.2, "seed": 0})
+
+
+def test_a_test_file_without_class_names_maps_its_labels_by_index(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", x=rng.random((40, 8, 8), dtype=np.float32), y=np.arange(40) % 4,
+             classes=np.array(["ant", "bee", "cat", "dog"]))
+    np.savez(tmp_path / "test.npz", x=rng.random((6, 8, 8), dtype=np.float32), y=np.array([0, 1, 2, 3, 3, 1]))
+    data = load_data("npz", str(tmp_path / "train.npz"), 8, False, test_path=str(tmp_path / "test.npz"))
+    assert data.classes == ["ant", "bee", "cat", "dog"] and data.test[1].tolist() == [0, 1, 2, 3, 3, 1]
+    assert check_source("npz", str(tmp_path / "train.npz"), test_path=str(tmp_path / "test.npz"))["num_classes"] == 4

@@ -35,7 +35,7 @@ def check_params(path: Path) -> dict:
     prep, train = configs["prepare"], configs["train"]
     data = check_source(prep.source, prep.path, test_path=prep.test_path, grayscale=prep.grayscale,
                         normalize=prep.normalize)
-    check_model(train, data, prep.image_size)
+    check_model(train, data, prep.image_size, qat=configs["quantize"].method == "qat")
     return configs
 
 
@@ -50,14 +50,18 @@ def notes(configs: dict) -> list[str]:
     return lines
 
 
-def check_model(train, data: dict, image_size: int) -> None:
-    """Build `train.model` (zoo or factory) with `train.weights`, and run a batch shaped like the prepared data."""
+def check_model(train, data: dict, image_size: int, qat: bool = True) -> None:
+    """Build `train.model` (zoo or factory) with `train.weights`, run a batch shaped like the prepared data, and
+    (for QAT) trace it as quantization-aware training will: a model fx cannot trace stops here, not at quantize."""
     import torch
     from distillery.models import build_teacher, check_classifier, model_spec
     channels = data.get("in_channels") or 3
     spec = model_spec(train.model, train.model_kwargs, channels, data["num_classes"], image_size)
     model = build_teacher(spec, train.weights)
     check_classifier(model, torch.zeros(2, channels, image_size, image_size), data["num_classes"], data.get("classes"))
+    if qat:
+        from distillery.compress.qat import trace
+        trace(model.eval())
 
 
 def fail(err: Exception, debug: bool) -> None:

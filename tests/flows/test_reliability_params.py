@@ -125,6 +125,8 @@ CASES = {
                                     user_net, ["outputs shape (2, 5)", "the data has 10 classes", "train.model_kwargs to 10"]),
     "model-wrong-input-size": ({"train": NET, "prepare": {"image_size": 8}}, user_net,
                                ["fails on a batch of the prepared images, shape (2, 1, 8, 8)", "prepare.image_size"]),
+    "model-not-traceable-for-qat": ({"train": {**NET, "model": "models/net.py:branchy"}}, user_net,
+                                    ["torch.fx cannot trace", "Branchy", "data-dependent Python control flow"]),
     "adopt-without-weights": ({"train": {**NET, "epochs": 0}}, user_net,
                               ["train.epochs = 0 adopts", "needs train.weights"]),
     "weights-missing-file": ({"train": {**NET, "weights": "models/nope.pt"}}, user_net,

@@ -19,3 +19,16 @@ def build(num_classes: int = 10, pixels: int = 64) -> Net:
 
 def not_a_model() -> dict:
     return {"fc1": 1}
+
+
+class Branchy(Net):
+    """Python control flow on the data: runs, but torch.fx cannot trace it for QAT."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            x = x * 2
+        return super().forward(x)
+
+
+def branchy(num_classes: int = 10, pixels: int = 64) -> Branchy:
+    return Branchy(num_classes, pixels)

@@ -41,14 +41,14 @@ def wanted(root: Path, configs: dict[str, Section]) -> dict[str, list[str]]:
     return {"data": data, "weights": weights, "code": code}
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies in it (a templated out counts by its prefix, `models/ablation/`)."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
 def _overlaps(dep: str, produced: list[str]) -> bool:
-    """Whether a stage writes `dep`, a file inside it, or a folder holding it (templated outs by their prefix)."""
-    return any(p == dep or p.startswith(dep.rstrip("/") + "/") or dep.startswith(p.rstrip("/") + "/") or
-               (p.endswith("/") and dep.startswith(p)) for p in produced)
-
-
-def _covered(dep: str, others: list[str]) -> bool:
-    return any(dep == o or dep.startswith(o.rstrip("/") + "/") for o in others)
+    """Whether a stage writes `dep`, a file inside it, or a folder holding it."""
+    return any(_inside(dep, p) or _inside(p, dep) for p in produced)
 
 
 def plan(root: Path, configs: dict[str, Section], stages: dict) -> dict[str, list[str]]:
@@ -69,7 +69,7 @@ def plan(root: Path, configs: dict[str, Section], stages: dict) -> dict[str, lis
         else:
             continue
         own = [d for d in deps if d.startswith(CODE_DIRS) or d in BUNDLED or _overlaps(d, produced)]
-        extra = [e for e in extra if not _covered(e, own)]
+        extra = [e for e in extra if not any(_inside(e, o) for o in own)]
         if own + extra != deps:
             new[name] = own + extra
     return new

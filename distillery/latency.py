@@ -9,6 +9,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -91,4 +92,40 @@ def benchmark(paths: dict[str, Path | str], baseline: str, sample: np.ndarray, t
             r["speedup_p50"] = base / r["p50_ms"]
             r["threads"] = t or (os.cpu_count() or 1)
             out["models"][name][f"threads_{label}"] = r
+    return out
+
+
+def time_runners(runners: dict[str, Callable[[], object]], warmup: int, runs: int, rounds: int = 5) -> dict[str, dict]:
+    """Latency of zero-argument callables (one forward each), interleaved in `rounds` within this process;
+    the caller sets the thread count (torch.set_num_threads, or the sessions it wraps)."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    per_round = max(1, runs // rounds)
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: summarise(t) for name, t in times.items()}
+
+
+def benchmark_runners(make: Callable[[int], dict[str, Callable[[], object]]], baseline: str, threads: list[int],
+                      warmup: int, runs: int) -> dict:
+    """`benchmark` for any runtime: `make(threads)` returns the callables timed at that thread count
+    (0 = all cores), with ratios to `baseline` (>1 = faster)."""
+    out: dict = {"cpu": cpu_info(), "models": {}}
+    for t in threads:
+        label = "all" if t == 0 else str(t)
+        runners = make(t)
+        if baseline not in runners:
+            raise ValueError(f"baseline {baseline!r} is not among the models {sorted(runners)}")
+        res = time_runners(runners, warmup, runs)
+        base = res[baseline]["p50_ms"]
+        for name, r in res.items():
+            r["speedup_p50"] = base / r["p50_ms"]
+            r["threads"] = t or (os.cpu_count() or 1)
+            out["models"].setdefault(name, {})[f"threads_{label}"] = r
     return out

@@ -35,10 +35,10 @@ def is_factory(ref: str) -> bool:
     return ":" in ref
 
 
-def _split(ref: str) -> tuple[str, str]:
+def _split(ref: str, key: str = "train.model") -> tuple[str, str]:
     m = REF.match(ref)
     if m is None:
-        raise ParamsError(f"train.model = {ref!r}: not a factory reference; write path/to/file.py:function "
+        raise ParamsError(f"{key} = {ref!r}: not a factory reference; write path/to/file.py:function "
                           "or package.module:function (or a zoo name)")
     return m["target"], m["fn"]
 
@@ -100,23 +100,24 @@ def _import_file(path: Path):
     return module
 
 
-def resolve(ref: str) -> Callable[..., nn.Module]:
-    """The callable a factory reference names, imported (a file is relative to the current folder)."""
-    target, fn = _split(ref)
+def resolve(ref: str, key: str = "train.model") -> Callable[..., nn.Module]:
+    """The callable a factory reference names, imported (a file is relative to the current folder);
+    `key` names the params key in messages."""
+    target, fn = _split(ref, key)
     if _is_file(target):
         path = Path(target)
         if not path.is_file():
-            raise ParamsError(f"train.model = {ref!r}: file {target} not found; give a path relative to the project "
+            raise ParamsError(f"{key} = {ref!r}: file {target} not found; give a path relative to the project "
                               "root, e.g. models/net.py:build")
         module = _import_file(path)
     else:
         try:
             module = import_module(target)
         except ImportError as err:
-            raise ParamsError(f"train.model = {ref!r}: cannot import {target} ({err}); install it or give "
+            raise ParamsError(f"{key} = {ref!r}: cannot import {target} ({err}); install it or give "
                               "path/to/file.py:function") from None
         except Exception as err:  # the module itself is broken: a SyntaxError, an error at import time
-            raise ParamsError(f"train.model = {ref!r}: importing {target} failed: {type(err).__name__}: "
+            raise ParamsError(f"{key} = {ref!r}: importing {target} failed: {type(err).__name__}: "
                               f"{str(err).splitlines()[0][:300] if str(err) else ''}; fix the module so that it "
                               "imports cleanly") from None
     obj = module
@@ -125,10 +126,10 @@ def resolve(ref: str) -> Callable[..., nn.Module]:
             names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
             close = difflib.get_close_matches(part, names, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; it defines: {', '.join(names[:10]) or 'nothing callable'}"
-            raise ParamsError(f"train.model = {ref!r}: {target} has no {fn!r}{hint}")
+            raise ParamsError(f"{key} = {ref!r}: {target} has no {fn!r}{hint}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ParamsError(f"train.model = {ref!r}: {fn} is a {type(obj).__name__}, not a function or class")
+        raise ParamsError(f"{key} = {ref!r}: {fn} is a {type(obj).__name__}, not a function or class")
     return obj
 
 

@@ -9,8 +9,8 @@ h_u to h_v.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,55 @@ from distillery.models.mmdit import MMDiT, ResidualLinear
 from distillery.models.vit import ViT
 
 States = tuple[torch.Tensor, ...]
+
+
+@dataclass
+class Cond:
+    """What every block needs besides the streams, computed once per batch by `Adapter.embed`:
+    `batched` tensors have one row per sample (timestep embedding, padding masks) and are indexed with
+    the streams; `shared` values are the same for every sample (rotary tables, image shapes)."""
+
+    batched: dict[str, torch.Tensor] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, idx) -> "Cond":
+        return Cond({k: v[idx] for k, v in self.batched.items()}, self.shared)
+
+    def get(self, key: str, default=None):
+        return self.batched.get(key, self.shared.get(key, default))
+
+    def to(self, device) -> "Cond":
+        return Cond({k: v.to(device) for k, v in self.batched.items()},
+                    {k: _to(v, device) for k, v in self.shared.items()})
+
+    @staticmethod
+    def cat(conds: Sequence["Cond"]) -> "Cond":
+        return Cond({k: torch.cat([c.batched[k] for c in conds]) for k in conds[0].batched}, conds[0].shared)
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+def cat_cond(conds: Sequence) -> Any:
+    """Concatenate per-chunk conditions (None, a tensor or a `Cond`) along the batch."""
+    if conds[0] is None:
+        return None
+    return Cond.cat(conds) if isinstance(conds[0], Cond) else torch.cat(list(conds))
+
+
+def n_samples(inputs) -> int:
+    """Batch size of model inputs: a tuple of batch-first tensors or a `ModelInputs`-like object."""
+    return len(inputs) if hasattr(inputs, "take") else len(inputs[0])
+
+
+def take(inputs, idx):
+    """Rows `idx` (a slice or index tensor) of model inputs."""
+    return inputs.take(idx) if hasattr(inputs, "take") else tuple(x[idx] for x in inputs)
 
 
 @dataclass(frozen=True)
@@ -34,12 +83,31 @@ class Adapter:
     mlp_attrs: tuple[str, ...] = ()  # per stream: the block attribute holding that stream's MLP
     spec_keys: tuple[str, ...] = ()  # per stream: the build_model spec key listing linearised MLPs
     output_stream: int = 0  # the stream whose h_L is "the final hidden output" (CKA compares it)
+    # models whose stack is not one plain attribute (two stacks, a fixed last block) or whose blocks take
+    # keyword arguments: (model) -> blocks, (model, blocks) -> None, (block, states, cond) -> states
+    get_blocks: Callable[[nn.Module], Sequence[nn.Module]] | None = None
+    set_blocks: Callable[[nn.Module, Sequence[nn.Module]], None] | None = None
+    call_block: Callable[[nn.Module, States, Any], States] | None = None
+    name: str = ""
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
+        if self.get_blocks is not None:
+            return nn.ModuleList(self.get_blocks(model))
         return getattr(model, self.blocks_attr)
 
-    def call(self, block: nn.Module, states: States, cond: torch.Tensor | None) -> States:
+    def put_blocks(self, model: nn.Module, blocks: Sequence[nn.Module]) -> None:
+        """Make `blocks` the model's block stack (in place)."""
+        if self.set_blocks is not None:
+            self.set_blocks(model, list(blocks))
+        else:
+            setattr(model, self.blocks_attr, nn.ModuleList(blocks))
+
+    def call(self, block: nn.Module, states: States, cond) -> States:
         """Run one block with this model's calling convention; always returns a tuple of streams."""
+        if isinstance(block, StreamwiseBlock):
+            return block.apply(states)
+        if self.call_block is not None:
+            return self.call_block(block, states, cond)
         out = block(*states, cond) if self.uses_cond else block(*states)
         return out if isinstance(out, tuple) else (out,)
 
@@ -60,8 +128,11 @@ class StreamwiseBlock(nn.Module):
 
     def forward(self, *args):
         states = args[:-1] if self.uses_cond else args
-        out = tuple(m(s) for m, s in zip(self.mods, states))
+        out = self.apply(states)
         return out if len(out) > 1 else out[0]
+
+    def apply(self, states: States) -> States:
+        return tuple(m(s) for m, s in zip(self.mods, states))
 
 
 def _mmdit_embed(model, inputs):
@@ -86,10 +157,13 @@ VIT = Adapter(streams=("h",), embed=_vit_embed, head=_vit_head, mlp_attrs=("mlp"
 
 
 def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter of a model from the zoo."""
+    """The adapter of a model from the zoo, or of a supported diffusers / transformers class."""
     for cls, adapter in ((MMDiT, MMDIT), (ViT, VIT)):
         if isinstance(model, cls):
             return adapter
+    if type(model).__module__.startswith(("diffusers.", "transformers.")):
+        from distillery.ppcl.hf import hf_adapter
+        return hf_adapter(model)
     raise TypeError(f"no PPCL adapter for {type(model).__name__}; build an Adapter for it")
 
 
@@ -110,13 +184,14 @@ class Trace:
 
 
 @torch.no_grad()
-def trace(model: nn.Module, adapter: Adapter, inputs: tuple, batch_size: int = 512) -> Trace:
-    """Run `model` on `inputs` (a tuple of tensors, batch first) in eval mode, keeping every h_i."""
+def trace(model: nn.Module, adapter: Adapter, inputs, batch_size: int = 512) -> Trace:
+    """Run `model` on `inputs` (a tuple of batch-first tensors, or `ModelInputs` of a library model) in
+    eval mode, keeping every h_i."""
     was_training = model.training
     model.eval()
     chunks = []
-    for i in range(0, len(inputs[0]), batch_size):
-        states, cond = adapter.embed(model, tuple(x[i:i + batch_size] for x in inputs))
+    for i in range(0, n_samples(inputs), batch_size):
+        states, cond = adapter.embed(model, take(inputs, slice(i, i + batch_size)))
         hidden = [states]
         for block in adapter.blocks(model):
             states = adapter.call(block, states, cond)
@@ -126,19 +201,18 @@ def trace(model: nn.Module, adapter: Adapter, inputs: tuple, batch_size: int = 5
     n_streams = len(chunks[0][0][0])
     hidden = [tuple(torch.cat([c[0][i][s] for c in chunks]) for s in range(n_streams))
               for i in range(len(chunks[0][0]))]
-    cond = None if chunks[0][1] is None else torch.cat([c[1] for c in chunks])
-    return Trace(hidden, cond, torch.cat([c[2] for c in chunks]))
+    return Trace(hidden, cat_cond([c[1] for c in chunks]), torch.cat([c[2] for c in chunks]))
 
 
 def replace_blocks(model: nn.Module, adapter: Adapter, blocks: Sequence[nn.Module]) -> nn.Module:
     """A deep copy of `model` whose block stack is `blocks` (copied too)."""
-    stack = adapter.blocks(model)
-    setattr(model, adapter.blocks_attr, nn.ModuleList())  # keep the old stack out of the copy
+    stack = list(adapter.blocks(model))
+    adapter.put_blocks(model, [])  # keep the old stack out of the copy
     try:
         out = copy.deepcopy(model)
     finally:
-        setattr(model, adapter.blocks_attr, stack)
-    setattr(out, adapter.blocks_attr, nn.ModuleList(copy.deepcopy(list(blocks))))
+        adapter.put_blocks(model, stack)
+    adapter.put_blocks(out, copy.deepcopy(list(blocks)))
     return out
 
 

@@ -58,3 +58,35 @@ def export_step(model: nn.Module, example: tuple[torch.Tensor, ...], opset: int 
 def feeds(x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> dict[str, np.ndarray]:
     """The ONNX Runtime inputs of one step."""
     return {"x": x.numpy().astype(np.float32), "t": t.numpy().astype(np.float32), "tokens": tokens.numpy().astype(np.int64)}
+
+
+class KwargsForward(nn.Module):
+    """A library model's forward behind positional tensor inputs (`names`), its other keyword
+    arguments (`static`: image shapes, position ids) fixed: what the ONNX exporter and the timers call."""
+
+    def __init__(self, model: nn.Module, names: list[str], static: dict):
+        super().__init__()
+        self.model, self.names, self.static = model, list(names), dict(static)
+
+    def forward(self, *tensors):
+        from distillery.ppcl.hf import forward_output
+        return forward_output(self.model, {**self.static, **dict(zip(self.names, tensors))})
+
+
+def split_example(kwargs: dict) -> tuple[list[str], tuple[torch.Tensor, ...], dict]:
+    """(tensor names, tensors, the rest) of one call's keyword arguments."""
+    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    return names, tuple(kwargs[k] for k in names), {k: v for k, v in kwargs.items() if k not in names}
+
+
+def export_forward(model: nn.Module, kwargs: dict, opset: int = 18) -> onnx.ModelProto:
+    """ONNX of one forward of a library model on `kwargs` (batch size fixed to theirs), dynamo exporter;
+    inputs named as the keyword arguments, output `output`."""
+    names, tensors, static = split_example(kwargs)
+    wrapped = KwargsForward(model.eval(), names, static)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapped, tensors, input_names=names, output_names=["output"],
+                                    opset_version=opset, dynamo=True, verbose=False)
+    program.optimize()
+    return program.model_proto

@@ -34,13 +34,13 @@ def rows(x: torch.Tensor) -> torch.Tensor:
 def fit_residual_linear(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> ResidualLinear:
     """The ResidualLinear that best maps rows `x` to rows `y` (n, d) in the ridge least-squares sense."""
     x, y = rows(x), rows(y)
-    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
     gram = x1.T @ x1
     lam = ridge * torch.diagonal(gram)[:-1].mean()
-    reg = torch.eye(len(gram), dtype=x.dtype) * lam
+    reg = torch.eye(len(gram), dtype=x.dtype, device=x.device) * lam
     reg[-1, -1] = 0  # the bias is not shrunk
     wb = torch.linalg.solve(gram + reg, x1.T @ (y - x))
-    probe = ResidualLinear(x.shape[1])
+    probe = ResidualLinear(x.shape[1]).to(x.device)
     with torch.no_grad():
         probe.linear.weight.copy_(wb[:-1].T.float())
         probe.linear.bias.copy_(wb[-1].float())
@@ -82,11 +82,13 @@ def fit_probes(trace: Trace, adapter: Adapter, cfg: ProbeConfig = ProbeConfig())
     return probes, errors
 
 
-def rebuild_probes(ckpt: dict, dim: int) -> list[StreamwiseBlock]:
-    """The fitted probes of a probe file (`{"probes": [state dicts], "streams": [...]}`) for hidden size `dim`."""
+def rebuild_probes(ckpt: dict, dim: int | None = None) -> list[StreamwiseBlock]:
+    """The fitted probes of a probe file (`{"probes": [state dicts], "streams": [...]}`); each stream's
+    hidden size is read from its weights (`dim` is accepted for old callers and ignored)."""
     probes = []
     for state in ckpt["probes"]:
-        block = StreamwiseBlock([ResidualLinear(dim) for _ in ckpt["streams"]], uses_cond=True)
+        dims = [state[f"mods.{k}.linear.weight"].shape[1] for k in range(len(ckpt["streams"]))]
+        block = StreamwiseBlock([ResidualLinear(d) for d in dims], uses_cond=True)
         block.load_state_dict(state)
         probes.append(block.eval())
     return probes

@@ -64,11 +64,14 @@ def linearized_block(block: nn.Module, adapter: Adapter, streams: Sequence[int],
 
 def mlp_linear_errors(model: nn.Module, adapter: Adapter, trace: Trace, ridge: float = 1e-3) -> np.ndarray:
     """(L, n_streams): relative error of each block's output stream when that stream's MLP is replaced
-    by its least-squares projector, ||B'(h) - B(h)||^2 / ||B(h) - h||^2. `trace` is of `model`."""
+    by its least-squares projector, ||B'(h) - B(h)||^2 / ||B(h) - h||^2 (NaN where a block has no such
+    MLP). `trace` is of `model`."""
     blocks = adapter.blocks(model)
     errors = np.full((len(blocks), len(adapter.mlp_attrs)), np.nan)
     for i, block in enumerate(blocks):
         for s in range(len(adapter.mlp_attrs)):
+            if not isinstance(getattr(block, adapter.mlp_attrs[s], None), nn.Module):
+                continue  # this block has no such MLP (Flux's single-stream blocks): not a target
             new = linearized_block(block, adapter, [s], trace.hidden[i], trace.cond, ridge)
             errors[i, s] = _stream_error(new, adapter, s, trace.hidden[i], trace.cond, trace.hidden[i + 1])
     return errors
@@ -107,4 +110,5 @@ def linearize_mlps(model: nn.Module, adapter: Adapter, trace: Trace, targets: Se
         report += [{"block": i, "stream": adapter.streams[s], "error_init": init[s],
                     "error_trained": _stream_error(block, adapter, s, states, trace.cond, target),
                     "loss_init": hist.initial, "loss_trained": hist.final} for s in streams]
+    adapter.put_blocks(new, list(blocks))  # a stack assembled from several attributes is a fresh list
     return new, report

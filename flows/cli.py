@@ -36,7 +36,23 @@ def check_params(path: Path) -> dict:
     data = check_source(prep.source, prep.path, test_path=prep.test_path, grayscale=prep.grayscale,
                         normalize=prep.normalize)
     check_model(train, data, prep.image_size, qat=configs["quantize"].method == "qat")
+    check_ppcl(configs["ppcl_teacher"])
     return configs
+
+
+def check_ppcl(cfg) -> None:
+    """A folder teacher of PPCL: the folder holds a supported class and its inputs source exists."""
+    if cfg.model in ("digits", "text"):
+        return
+    from distillery.core.errors import ParamsError
+    from distillery.models.factory import is_factory, resolve
+    from distillery.ppcl.hf import check_folder
+    check_folder(cfg.model, cfg.subfolder)
+    if is_factory(cfg.inputs):
+        resolve(cfg.inputs, "ppcl_teacher.inputs")
+    elif not Path(cfg.inputs).is_file():
+        raise ParamsError(f"ppcl_teacher.inputs = {cfg.inputs!r}: file not found; record one with "
+                          "distillery.ppcl.capture (with capture(model) as rec: ...; rec.save(path)) or give file.py:function")
 
 
 def notes(configs: dict) -> list[str]:

@@ -1,7 +1,8 @@
 """The user's own files as DVC deps: the data of `prepare`, the weights and model code of `train` and after.
 
 `params.yaml` names files that live outside the project's code (`prepare.path`, `prepare.test_path`,
-`train.weights`, the file of a `train.model` factory and the project files it imports). DVC re-runs
+`train.weights`, the file of a `train.model` factory and the project files it imports, PPCL's model folder
+`ppcl_teacher.model` and its inputs `ppcl_teacher.inputs`). DVC re-runs
 a stage only for a dep it knows, so every stage that reads such a file lists it in `dvc.yaml`:
 `sync` rewrites those entries (the rest of dvc.yaml byte for byte) whenever params.yaml names other files;
 the project's code deps and the artifacts of other stages are never touched.
@@ -17,7 +18,7 @@ import yaml
 from distillery.core.errors import DistilleryError
 from distillery.core.params import Section
 from distillery.models.factory import is_factory, source_files
-from tasks.paths import CHECKPOINTS
+from tasks.paths import CHECKPOINTS, PPCL_TEACHER
 
 CODE_DIRS = ("distillery/", "tasks/", "flows/", "benchmarks/")
 BUNDLED = ("data/raw",)  # the bundled data folder, a dep of prepare in the repo's own dvc.yaml
@@ -38,7 +39,13 @@ def wanted(root: Path, configs: dict[str, Section]) -> dict[str, list[str]]:
     data = [_as_dep(root, p) for p in (prep.path, prep.test_path) if p is not None and prep.source != "digits"]
     code = [_as_dep(root, root / f) for f in source_files(train.model, root)] if is_factory(train.model) else []
     weights = [_as_dep(root, train.weights)] if train.weights is not None else []
-    return {"data": data, "weights": weights, "code": code}
+    ppcl, ppcl_inputs = configs.get("ppcl_teacher"), []
+    ppcl_model = []
+    if ppcl is not None and ppcl.model not in ("digits", "text"):
+        ppcl_model = [_as_dep(root, Path(ppcl.model) / (ppcl.subfolder or ""))]
+        ppcl_inputs = ([_as_dep(root, root / f) for f in source_files(ppcl.inputs, root)] if is_factory(ppcl.inputs)
+                       else [_as_dep(root, ppcl.inputs)])
+    return {"data": data, "weights": weights, "code": code, "ppcl_model": ppcl_model, "ppcl_inputs": ppcl_inputs}
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -64,8 +71,12 @@ def plan(root: Path, configs: dict[str, Section], stages: dict) -> dict[str, lis
             extra = files["data"]
         elif name == "train":
             extra = files["code"] + files["weights"]
-        elif MODEL_CHECKPOINTS & set(deps):
-            extra = files["code"]
+        elif MODEL_CHECKPOINTS & set(deps) or name == "ppcl_teacher" or PPCL_TEACHER.as_posix() in deps:
+            extra = files["code"] if MODEL_CHECKPOINTS & set(deps) else []
+            if name == "ppcl_teacher":
+                extra = extra + files["ppcl_model"] + files["ppcl_inputs"]
+            elif PPCL_TEACHER.as_posix() in deps:  # reads the user's PPCL model folder in place
+                extra = extra + files["ppcl_model"]
         else:
             continue
         own = [d for d in deps if d.startswith(CODE_DIRS) or d in BUNDLED or _overlaps(d, produced)]

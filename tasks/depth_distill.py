@@ -17,10 +17,9 @@ import time
 from distillery.core.artifacts import write_json
 from distillery.core.params import load_section
 from distillery.core.errors import run_stage
-from distillery.models import load_model
-from distillery.ppcl.digits import diffusion_data
+from distillery.ppcl.source import load_inputs_file, load_teacher
 from distillery.ppcl.students import interval_name, jobs, run_jobs, save_student
-from tasks.paths import INTERVALS, PPCL_TEACHER as TEACHER, PREPARED, SEQUENTIAL, STUDENTS, metrics
+from tasks.paths import INTERVALS, PPCL_INPUTS as INPUTS, PPCL_TEACHER as TEACHER, SEQUENTIAL, STUDENTS, metrics
 
 METRICS = metrics("ppcl_depth_distill")
 
@@ -33,20 +32,23 @@ def reset(folder) -> None:
 
 def main() -> None:
     from distillery.core import tracking
-    from distillery.ppcl.adapter import MMDIT, trace
+    from distillery.ppcl.adapter import trace
+    from distillery.ppcl.hf import adapter_for
     from distillery.ppcl.depth import DistillConfig
-    from distillery.ppcl.flow_matching import noisy_inputs
+    from distillery.ppcl.hf import resolve_device
     cfg = load_section("depth_distill")
+    device = resolve_device(load_section("ppcl_teacher").device)
     chosen = json.loads(INTERVALS.read_text())
-    teacher, _ = load_model(TEACHER)
-    x, y = diffusion_data(PREPARED, teacher.image_size)
+    teacher, _ = load_teacher(TEACHER)
+    adapter = adapter_for(teacher)
+    calibration, _, _ = load_inputs_file(INPUTS)
     students = [tuple(iv) for iv in chosen["students"]]
     sequential = [tuple(iv) for iv in chosen["ablation"]["intervals"]] if cfg.sequential else []
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = 1 if device.type == "cuda" else cfg.workers or os.cpu_count() or 1  # one GPU: one process
     dcfg = DistillConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, loss=cfg.loss, seed=cfg.seed)
     with tracking.stage_run("depth_distill", cfg.model_dump()):
-        data = noisy_inputs(x, y, cfg.data_size, seed=cfg.seed, caption_dropout=0.1)
-        tr = trace(teacher, MMDIT, data)
+        data = calibration.take(slice(0, cfg.data_size)).to(device)
+        tr = trace(teacher.to(device), adapter, data)
         t0 = time.perf_counter()
         results = run_jobs(jobs(TEACHER, tr, students, sequential, dcfg), workers)
         seconds = time.perf_counter() - t0

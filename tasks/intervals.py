@@ -17,9 +17,10 @@ from distillery.core.artifacts import write_json
 from distillery.core.params import load_section
 from distillery.core.errors import run_stage
 from distillery.core.plotting import pyplot, save_figure
-from distillery.models import load_model
+from distillery.ppcl.capture import ModelInputs
 from distillery.ppcl.probes import rebuild_probes
 from distillery.ppcl.selection import choose
+from distillery.ppcl.source import load_teacher
 from distillery.ppcl.students import load_probe_file
 from tasks.paths import CKA_PLOT as PLOT, INTERVALS, PPCL_TEACHER as TEACHER, PROBES
 
@@ -51,17 +52,22 @@ def plot(table: np.ndarray, chosen: dict, path) -> None:
 
 def main() -> None:
     from distillery.core import tracking
-    from distillery.ppcl.adapter import MMDIT, trace
+    from distillery.ppcl.adapter import trace
+    from distillery.ppcl.hf import adapter_for
     from distillery.ppcl.cka import cka_table
+    from distillery.ppcl.hf import resolve_device
     cfg = load_section("intervals")
-    teacher, _ = load_model(TEACHER)
+    device = resolve_device(load_section("ppcl_teacher").device)
+    teacher, _ = load_teacher(TEACHER)
+    adapter = adapter_for(teacher)
     ckpt = load_probe_file(PROBES)
-    probes = rebuild_probes(ckpt, teacher.img_in.out_features)
+    probes = [p.to(device) for p in rebuild_probes(ckpt)]
+    calibration = ModelInputs(ckpt["calibration"]["batched"], ckpt["calibration"]["static"])
     with tracking.stage_run("intervals", cfg.model_dump()):
         with torch.no_grad():
-            tr = trace(teacher, MMDIT, tuple(ckpt["calibration"]))
-            table = cka_table(teacher, MMDIT, probes, tr)
-        chosen = choose(table, tr, MMDIT, cfg)
+            tr = trace(teacher.to(device), adapter, calibration.to(device))
+            table = cka_table(teacher, adapter, probes, tr)
+        chosen = choose(table, tr, adapter, cfg)
         write_json(INTERVALS, chosen)
         plot(table, chosen, PLOT)
         tracking.log_metrics({f"removed.{k}": v for k, v in chosen["removed"].items()}

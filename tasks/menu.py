@@ -1,19 +1,28 @@
 """Stage `menu`: PPCL's menu of variants from ONE training, assembled by plugging students in.
 
-Every variant is built from the saved students without any training: the teacher, one depth
-variant per `intervals.ratios` share (students of the selected intervals plugged into the
-teacher), the width-pruned model of `width_prune`, and the ablation row (CKA-threshold intervals,
-sequentially distilled students, as many blocks removed as the `intervals.ablation_ratio` variant).
-Each is scored on the same seeded prompts and noise (prompt adherence by the foundation digits
-classifier, PSNR against the teacher's samples), exported as ONE denoising step to
-`models/ppcl/onnx/<variant>.onnx` and timed in this one process against the teacher (ONNX Runtime,
-batch 1, at each `menu.threads`, 0 = all cores). Writes `reports/ppcl_menu.md` / `.csv`,
-`reports/ppcl_menu.png` (quality against speed-up) and `reports/ppcl/menu/<variant>_samples.png`.
+Every variant is built from the saved students without any training: the teacher, one depth variant per
+`intervals.ratios` share (students of the selected intervals plugged into the teacher), the width-pruned
+model of `width_prune`, and the ablation row (CKA-threshold intervals, sequentially distilled students, as
+many blocks removed as the `intervals.ablation_ratio` variant). Each variant is written back as a folder
+its library loads (`models/ppcl/variants/<variant>/`: `from_pretrained` for depth-only variants,
+`distillery.ppcl.hf.load_variant` with linear projectors), reloaded and checked against the in-memory model.
+
+Quality, all on the same inputs: fidelity to the teacher on the held-out inputs (cosine similarity and
+relative error of the final output); for a language model also perplexity, its ratio to the teacher's and
+next-token agreement on the held-out tokens; for the digits teacher also prompt adherence (the foundation
+digits classifier on samples from fixed prompts and noise) and PSNR against the teacher's samples.
+Latency: ONE forward (batch 1) exported to `models/ppcl/onnx/<variant>.onnx` and timed in this one ONNX
+Runtime process against the teacher at each `menu.threads` (0 = all cores); a class the exporter cannot
+export is timed in PyTorch instead (the `runtime` column says which). Writes `reports/ppcl_menu.md` /
+`.csv`, `reports/ppcl_menu.png` (quality against speed-up) and, for digits, the sample grids
+`reports/ppcl/menu/<variant>_samples.png`.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -23,98 +32,199 @@ from distillery.core.artifacts import atomic_path, write_json, write_text
 from distillery.core.params import load_section
 from distillery.core.errors import run_stage
 from distillery.core.plotting import pyplot, save_figure
-from distillery.models import load_model
-from distillery.ppcl.digits import grouped_by_digit, load_classifier, prompts, save_grid
 from distillery.ppcl.intervals import variant_name
+from distillery.ppcl.source import load_inputs_file, load_teacher
 from distillery.ppcl.students import load_students
-from tasks.paths import (INTERVALS, MENU_REPORT as REPORT, PPCL_ONNX as ONNX_DIR, PPCL_REPORTS as REPORTS,
-                         PPCL_TEACHER as TEACHER, PREPARED, SEQUENTIAL, STUDENTS, TEACHER as CLASSIFIER, WIDTH, metrics)
+from tasks.paths import (INTERVALS, MENU_REPORT as REPORT, PPCL_INPUTS as INPUTS, PPCL_ONNX as ONNX_DIR,
+                         PPCL_REPORTS as REPORTS, PPCL_TEACHER as TEACHER, PREPARED, SEQUENTIAL, STUDENTS,
+                         TEACHER as CLASSIFIER, VARIANTS, WIDTH, metrics)
 METRICS = metrics("ppcl_menu")
 BASELINE = "teacher"
 GRIDS = REPORTS / "menu"  # reports/ppcl/teacher_samples.png belongs to ppcl_teacher
 
 
-def assemble_menu(teacher, chosen: dict, width_path: Path | None = WIDTH) -> dict[str, dict]:
-    """name -> {"model", "blocks removed", "how"}: every variant, assembled from saved files, no training."""
-    from distillery.ppcl.adapter import MMDIT
+def assemble_menu(teacher, adapter, chosen: dict, width_path: Path | None = WIDTH) -> dict[str, dict]:
+    """name -> {"model", "blocks", "removed", "how"}: every variant, assembled from saved files, no training."""
     from distillery.ppcl.depth import assemble
-    n = len(teacher.blocks)
+    from distillery.ppcl.hf import load_pretrained
+    n = len(adapter.blocks(teacher))
     menu = {BASELINE: {"model": teacher, "how": "teacher"}}
     for name, key in chosen["variants"].items():
         ivs = [tuple(iv) for iv in chosen["selected"][key]]
-        menu[name] = {"model": assemble(teacher, MMDIT, load_students(STUDENTS, teacher, MMDIT, ivs)),
+        menu[name] = {"model": assemble(teacher, adapter, load_students(STUDENTS, teacher, adapter, ivs)),
                       "how": f"PPCL: Delta intervals {ivs}, independent students"}
-    if width_path is not None and width_path.exists():
-        model, ckpt = load_model(width_path)
-        base = variant_name(ckpt["base_ratio"]) if ckpt["base_ratio"] else BASELINE
-        targets = [tuple(t) for t in ckpt["targets"]]
+    if width_path is not None and (Path(width_path) / "config.json").exists():
+        model = load_pretrained(width_path)
+        info = json.loads((Path(width_path) / "distillery_ppcl.json").read_text())
+        base = variant_name(info["base_ratio"]) if info["base_ratio"] else BASELINE
+        targets = [tuple(t) for t in info["targets"]]
         menu[f"{base}_width"] = {"model": model, "how": f"{base} + linear MLPs (block, stream) {targets}"}
     abl = chosen["ablation"]
     if abl["intervals"] and any(SEQUENTIAL.glob("*.pt")):
         ivs = [tuple(iv) for iv in abl["intervals"]]
         name = f"ablation{round(100 * abl['ratio'])}"
-        menu[name] = {"model": assemble(teacher, MMDIT, load_students(SEQUENTIAL, teacher, MMDIT, ivs)),
+        menu[name] = {"model": assemble(teacher, adapter, load_students(SEQUENTIAL, teacher, adapter, ivs)),
                       "how": f"ablation: {abl['selector']} intervals {ivs}, sequential students"}
     for v in menu.values():
         v["model"].eval()
-        v["blocks"] = len(v["model"].blocks)
+        v["blocks"] = len(adapter.blocks(v["model"]))
         v["removed"] = n - v["blocks"]
     return menu
 
 
-def export(model, path: Path, opset: int) -> None:
+def save_variants(menu: dict, adapter, heldout) -> dict[str, float]:
+    """Each variant but the teacher as a folder its library loads; reloaded, the largest |difference| of its
+    output from the in-memory variant's on a few held-out inputs."""
+    from distillery.ppcl.adapter import trace
+    from distillery.ppcl.hf import load_pretrained, save_variant
+    VARIANTS.mkdir(parents=True, exist_ok=True)
+    for old in VARIANTS.iterdir():
+        if old.name not in menu:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    probe, errors = heldout.take(slice(0, 4)), {}
+    for name, v in menu.items():
+        if name == BASELINE:
+            continue
+        folder = save_variant(v["model"], VARIANTS / name, {"how": v["how"], "blocks": v["blocks"]})
+        with torch.no_grad():
+            errors[name] = float((trace(load_pretrained(folder), adapter, probe).output
+                                  - trace(v["model"], adapter, probe).output).abs().max())
+        print(f"menu: {name} -> {folder} (reloaded: max |diff| {errors[name]:.2e})")
+    return errors
+
+
+def fidelity(menu: dict, adapter, heldout, kind: str) -> dict[str, dict]:
+    from distillery.ppcl.adapter import trace
+    from distillery.ppcl.fidelity import output_fidelity
+    outs = {name: trace(v["model"], adapter, heldout, batch_size=64).output for name, v in menu.items()}
+    quality = {name: output_fidelity(outs[BASELINE], out) for name, out in outs.items()}
+    if adapter.streams == ("h",) and "input_ids" in heldout.batched:
+        from distillery.ppcl.textlm import compare_lm
+        ids = heldout.batched["input_ids"]
+        for name, out in outs.items():
+            quality[name] |= compare_lm(outs[BASELINE], out, ids)
+    return quality
+
+
+def digits_quality(menu: dict, cfg) -> dict[str, dict]:
+    """Prompt adherence and PSNR of every variant's samples (digits teacher only), and their grids."""
+    from distillery.ppcl.digits import grouped_by_digit, load_classifier, prompts, save_grid
+    from distillery.ppcl.digits_hf import load_denoiser
+    from distillery.ppcl.quality import adherence, psnr, sample_prompts
+    classifier = load_classifier(CLASSIFIER, PREPARED)
+    labels, tokens, noise = prompts(cfg.prompts_per_digit, cfg.seed)
+    out, reference = {}, None
+    for name, v in menu.items():
+        images = sample_prompts(load_denoiser(TEACHER, transformer=v["model"]), tokens, noise, cfg.sample_steps,
+                                cfg.guidance)
+        reference = images if name == BASELINE else reference
+        out[name] = {"adherence": adherence(images, labels, classifier), "psnr": psnr(images, reference)}
+        save_grid(grouped_by_digit(images, labels), GRIDS / f"{name}_samples.png")
+        print(f"menu: {name:<16} {v['blocks']:2d} blocks, adherence {out[name]['adherence']:.3f}, "
+              f"PSNR {out[name]['psnr']:.2f} dB")
+    out["_prompts"] = len(labels)
+    return out
+
+
+def timing(menu: dict, example, cfg) -> tuple[dict, str, str | None]:
+    """Latency of one forward of every variant at batch 1: ONNX Runtime when every variant exports, else
+    PyTorch for all (so that the ratios compare like with like)."""
     import onnx
-    from distillery.ppcl.export import PackedStep, export_step, pack_inputs
-    example = pack_inputs(*model.example_inputs(1))
-    proto = export_step(PackedStep(model), (example,), opset=opset, dynamic_batch=False)
-    with atomic_path(path) as tmp:
-        onnx.save(proto, str(tmp))
+    import onnxruntime  # noqa: F401  (fails early when missing)
+    from distillery.latency import benchmark_runners, session
+    from distillery.ppcl.export import export_forward, split_example
+    kwargs = example.kwargs()
+    names, tensors, _ = split_example(kwargs)
+    ONNX_DIR.mkdir(parents=True, exist_ok=True)
+    for f in ONNX_DIR.glob("*.onnx"):
+        if f.stem not in menu:
+            f.unlink()
+    paths, failure = {}, None
+    for name, v in menu.items():
+        try:
+            proto = export_forward(v["model"], kwargs, opset=cfg.opset)
+        except Exception as err:
+            first = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()[0][:200] if str(err).strip() else ""
+            failure = f"{type(err).__name__}: {first}"
+            print(f"menu: ONNX export of {type(v['model']).__name__} failed ({failure}); timing in PyTorch")
+            break
+        paths[name] = ONNX_DIR / f"{name}.onnx"
+        with atomic_path(paths[name]) as tmp:
+            onnx.save(proto, str(tmp))
+    if failure is None:
+        feeds = {n: t.numpy() for n, t in zip(names, tensors)}
+
+        def make(threads):
+            sessions = {name: session(p, threads) for name, p in paths.items()}
+            return {name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()}
+        runtime = "onnxruntime"
+    else:
+        for f in ONNX_DIR.glob("*.onnx"):
+            f.unlink()
+        from distillery.ppcl.hf import forward_output
+
+        def make(threads):
+            torch.set_num_threads(threads or torch.get_num_threads())
+
+            @torch.inference_mode()
+            def run(model):
+                return forward_output(model, kwargs)
+            return {name: (lambda m=v["model"]: run(m)) for name, v in menu.items()}
+        runtime = "pytorch"
+    threads_before = torch.get_num_threads()
+    try:
+        res = benchmark_runners(make, BASELINE, cfg.threads, cfg.warmup, cfg.runs)
+    finally:
+        torch.set_num_threads(threads_before)
+    return res, runtime, failure
 
 
-def ort_error(model, path: Path) -> float:
-    """Max |ORT - torch| of the exported step on the example input."""
-    from distillery.latency import session
-    from distillery.ppcl.export import PackedStep, pack_inputs
-    packed = pack_inputs(*model.example_inputs(1))
-    s = session(path, 1)
-    got = s.run(None, {s.get_inputs()[0].name: packed.numpy()})[0]
-    with torch.no_grad():
-        want = PackedStep(model)(packed).numpy()
-    return float(abs(got - want).max())
-
-
-def table(menu: dict, quality: dict, timing: dict, n_blocks: int) -> pd.DataFrame:
-    base = quality[BASELINE]["adherence"]
+def table(menu: dict, quality: dict, timing: dict, n_blocks: int, runtime: str) -> pd.DataFrame:
     rows = []
+    base = quality[BASELINE]
     for name, v in menu.items():
         q, t = quality[name], timing["models"][name]
         row = {"variant": name, "blocks": v["blocks"], "removed_pct": 100 * v["removed"] / n_blocks,
                "params": sum(p.numel() for p in v["model"].parameters())}
         for key, r in t.items():
-            if key.startswith("threads_"):
-                label = key.removeprefix("threads_")
-                row[f"p50_ms_{label}t"] = r["p50_ms"]
-                row[f"speedup_{label}t"] = r["speedup_p50"]
-        row["adherence_pct"] = 100 * q["adherence"]
-        row["psnr_db"] = None if math.isinf(q["psnr"]) else q["psnr"]
-        row["quality_drop_pct"] = 100 * (base - q["adherence"]) / base if base > 0 else float("nan")
+            label = key.removeprefix("threads_")
+            row[f"p50_ms_{label}t"] = r["p50_ms"]
+            row[f"speedup_{label}t"] = r["speedup_p50"]
+        if "adherence" in q:
+            row["adherence_pct"] = 100 * q["adherence"]
+            row["psnr_db"] = None if math.isinf(q["psnr"]) else q["psnr"]
+            row["quality_drop_pct"] = (100 * (base["adherence"] - q["adherence"]) / base["adherence"]
+                                       if base["adherence"] > 0 else float("nan"))
+        if "perplexity_variant" in q:
+            row["perplexity"] = q["perplexity_variant"]
+            row["perplexity_ratio"] = q["perplexity_ratio"]
+            row["next_token_agreement_pct"] = 100 * q["next_token_agreement"]
+        row["cosine"] = q["cosine"]
+        row["relative_error"] = q["relative_error"]
+        row["runtime"] = runtime
         row["how"] = v["how"]
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def plot(df: pd.DataFrame, path: Path) -> None:
+QUALITY = (("adherence_pct", "prompt adherence [%]"), ("perplexity", "held-out perplexity (lower is better)"),
+           ("cosine", "cosine similarity of the output to the teacher's"))
+
+
+def plot(df: pd.DataFrame, path: Path, runtime: str) -> None:
     plt = pyplot()
     speed = next(c for c in df.columns if c.startswith("speedup_"))
+    col, label = next((c, lab) for c, lab in QUALITY if c in df.columns)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for _, r in df.iterrows():
         colour = "tab:red" if r["variant"].startswith("ablation") else "tab:green" if "width" in r["variant"] else "tab:blue"
-        ax.scatter(r[speed], r["adherence_pct"], color=colour)
-        psnr = "" if r["psnr_db"] is None or pd.isna(r["psnr_db"]) else f", {r['psnr_db']:.1f} dB"
-        ax.annotate(f"{r['variant']} ({r['blocks']} blocks{psnr})", (r[speed], r["adherence_pct"]),
+        ax.scatter(r[speed], r[col], color=colour)
+        psnr = r.get("psnr_db")
+        extra = "" if psnr is None or pd.isna(psnr) else f", {psnr:.1f} dB"
+        ax.annotate(f"{r['variant']} ({r['blocks']} blocks{extra})", (r[speed], r[col]),
                     textcoords="offset points", xytext=(5, -3), fontsize=7)
-    ax.set_xlabel(f"speed-up per denoising step vs teacher ({speed.removeprefix('speedup_')}hread(s), ONNX Runtime)")
-    ax.set_ylabel("prompt adherence [%]")
+    ax.set_xlabel(f"speed-up per forward vs teacher ({speed.removeprefix('speedup_')}hread(s), {runtime})")
+    ax.set_ylabel(label)
     ax.set_title("PPCL menu: one training, variants plugged together", fontsize=9)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
@@ -122,53 +232,59 @@ def plot(df: pd.DataFrame, path: Path) -> None:
 
 def main() -> None:
     from distillery.core import tracking
-    from distillery.latency import benchmark
-    from distillery.ppcl.export import pack_inputs
-    from distillery.ppcl.quality import adherence, psnr, sample_prompts
+    from distillery.ppcl.hf import adapter_for
+    from distillery.ppcl.hf import offline
     cfg = load_section("menu")
+    offline()
     chosen = json.loads(INTERVALS.read_text())
-    teacher, _ = load_model(TEACHER)
-    classifier = load_classifier(CLASSIFIER, PREPARED)
-    menu = assemble_menu(teacher, chosen)
-    labels, tokens, noise = prompts(cfg.prompts_per_digit, cfg.seed, teacher.image_size, teacher.in_channels)
+    teacher, source = load_teacher(TEACHER)
+    adapter = adapter_for(teacher)
+    _, heldout, _ = load_inputs_file(INPUTS)
+    menu = assemble_menu(teacher, adapter, chosen)
+    n_blocks = len(adapter.blocks(teacher))
     with tracking.stage_run("menu", cfg.model_dump()):
-        quality, reference = {}, None
-        for name, v in menu.items():
-            images = sample_prompts(v["model"], tokens, noise, cfg.sample_steps, cfg.guidance)
-            reference = images if name == BASELINE else reference
-            quality[name] = {"adherence": adherence(images, labels, classifier), "psnr": psnr(images, reference)}
-            save_grid(grouped_by_digit(images, labels), GRIDS / f"{name}_samples.png")
-            print(f"menu: {name:<16} {v['blocks']:2d} blocks, adherence {quality[name]['adherence']:.3f}, "
-                  f"PSNR {quality[name]['psnr']:.2f} dB")
-        ONNX_DIR.mkdir(parents=True, exist_ok=True)
-        for f in ONNX_DIR.glob("*.onnx"):
-            if f.stem not in menu:
-                f.unlink()
-        paths = {}
-        for name, v in menu.items():
-            paths[name] = ONNX_DIR / f"{name}.onnx"
-            export(v["model"], paths[name], cfg.opset)
-            quality[name]["ort_max_abs_error"] = ort_error(v["model"], paths[name])
-            print(f"menu: exported {name} -> {paths[name]} (ORT vs torch max |diff| {quality[name]['ort_max_abs_error']:.2e})")
-        sample = pack_inputs(*teacher.example_inputs(1)).numpy()
-        timing = benchmark(paths, BASELINE, sample, cfg.threads, cfg.warmup, cfg.runs)
-        df = table(menu, quality, timing, len(teacher.blocks))
-        cpu = timing["cpu"]
+        reload_errors = save_variants(menu, adapter, heldout)
+        quality = fidelity(menu, adapter, heldout, source["kind"])
+        for name, err in reload_errors.items():
+            quality[name]["reload_max_abs_error"] = err
+        prompts_n = None
+        GRIDS.mkdir(parents=True, exist_ok=True)
+        for stale in GRIDS.iterdir():
+            stale.unlink()
+        write_text(GRIDS / "index.md", "# Sample grids of the menu's variants\n\n" + (
+            "\n".join(f"- {name}: ![{name}]({name}_samples.png)" for name in menu) if source["kind"] == "digits" else
+            f"None: the teacher ({source['class']}) is not the digits text-to-image model.") + "\n")
+        if source["kind"] == "digits":
+            digits = digits_quality(menu, cfg)
+            prompts_n = digits.pop("_prompts")
+            for name, q in digits.items():
+                quality[name] |= q
+        res, runtime, failure = timing(menu, heldout.take(slice(0, 1)), cfg)
+        df = table(menu, quality, res, n_blocks, runtime)
+        cpu = res["cpu"]
         caption = (f"One training: students trained once (independently, concurrently), variants assembled without "
-                   f"training. Latency = ONE denoising step (batch 1) in ONNX Runtime {cpu['onnxruntime_version']} on "
-                   f"{cpu['cpu_model']} ({cpu['cpu_cores']} cores), all variants timed in one process; speed-up = "
-                   f"teacher p50 / variant p50. Adherence: share of {len(labels)} fixed prompts ({cfg.sample_steps} Euler "
-                   f"steps, guidance {cfg.guidance:g}) that the foundation digits classifier reads as the prompted digit; "
-                   f"PSNR against the teacher's samples from the same noise; quality drop = relative adherence drop vs "
-                   f"the teacher.")
+                   f"training. Teacher: {source['class']} ({source['kind']}: {source['path']}). Latency = ONE forward "
+                   f"(batch 1) in {runtime}" + (f" (the ONNX export failed: {failure})" if failure else
+                                               f" {cpu['onnxruntime_version']}") +
+                   f" on {cpu['cpu_model']} ({cpu['cpu_cores']} cores), all variants timed in one process; speed-up = "
+                   f"teacher p50 / variant p50. Fidelity on {len(heldout)} held-out inputs: cosine similarity (mean "
+                   f"over samples) and relative error of the final output against the teacher's.")
+        if prompts_n:
+            caption += (f" Adherence: share of {prompts_n} fixed prompts ({cfg.sample_steps} Euler steps, guidance "
+                        f"{cfg.guidance:g}) that the foundation digits classifier reads as the prompted digit; PSNR "
+                        f"against the teacher's samples from the same noise; quality drop = relative adherence drop.")
+        if "perplexity" in df.columns:
+            caption += (" Perplexity on the held-out tokens; next-token agreement = share of positions where the "
+                        "variant's most likely next token is the teacher's.")
         write_text(REPORT.with_suffix(".md"), "# PPCL menu\n\n" + df.to_markdown(index=False, floatfmt=".3f")
                    + f"\n\n{caption}\n")
         with atomic_path(REPORT.with_suffix(".csv")) as tmp:
             df.to_csv(tmp, index=False)
-        plot(df, REPORT.with_suffix(".png"))
-        finite = {n: {k: v for k, v in q.items() if math.isfinite(v)} for n, q in quality.items()}
-        write_json(METRICS, {"quality": finite, "timing": timing})
-        tracking.log_metrics({"quality": finite, "timing": timing["models"]})
+        plot(df, REPORT.with_suffix(".png"), runtime)
+        finite = {n: {k: v for k, v in q.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+                  for n, q in quality.items()}
+        write_json(METRICS, {"quality": finite, "timing": res, "runtime": runtime, "export_failure": failure})
+        tracking.log_metrics({"quality": finite, "timing": res["models"]})
         import mlflow
         for suffix in (".md", ".csv", ".png"):
             mlflow.log_artifact(str(REPORT.with_suffix(suffix)), artifact_path="reports")

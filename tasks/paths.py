@@ -29,11 +29,13 @@ ABLATION_TEACHER_ONNX = Path("models/ablation_teacher.fp32.onnx")
 ABLATION_REPORT = Path("reports/ablation")  # .md, .csv, .png
 
 PPCL = Path("models/ppcl")
-PPCL_TEACHER = PPCL / "teacher.pt"
+PPCL_TEACHER = PPCL / "teacher"  # source.json (+ the model trained here)
+PPCL_INPUTS = PPCL / "inputs.pt"  # calibration and held-out inputs of the teacher
 PROBES = PPCL / "probes.pt"
 STUDENTS = PPCL / "students"
 SEQUENTIAL = PPCL / "sequential"
-WIDTH = PPCL / "width.pt"
+WIDTH = PPCL / "width"  # a save_pretrained folder
+VARIANTS = PPCL / "variants"  # the menu as save_pretrained folders
 PPCL_ONNX = PPCL / "onnx"
 INTERVALS = Path("reports/ppcl_intervals.json")
 CKA_PLOT = Path("reports/ppcl_cka.png")

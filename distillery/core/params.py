@@ -277,23 +277,39 @@ class AblationConfig(Section):
 
 
 class PpclTeacherConfig(Section):
-    """PPCL's teacher: a caption-conditioned MMDiT trained by flow matching on the prepared digits."""
-    width: float = Field(gt=0, le=16, description="hidden size 64 * width")
-    depth: int = Field(ge=2, le=64, description="joint blocks")
-    steps: int = Field(ge=1, le=1000000, description="800 is not enough for ~0.99 adherence")
+    """PPCL's teacher: `digits` (a diffusers SD3Transformer2DModel trained here by flow matching on the
+    prepared digits), `text` (a transformers LlamaForCausalLM trained here on Python's own docs), or the
+    path of a user's save_pretrained folder (diffusers or transformers), read offline."""
+    model: str = Field(min_length=1, description="digits | text | path to a save_pretrained folder")
+    subfolder: str | None = Field(default=None, description="the model's subfolder in a pipeline folder, e.g. transformer")
+    inputs: str | None = Field(default=None, description="a folder model's inputs: a capture file (.pt) or file.py:function")
+    inputs_size: int = Field(ge=8, le=10000000, description="calibration / training samples (seeded subset)")
+    heldout_size: int = Field(ge=1, le=100000, description="held-out samples the menu's fidelity is measured on")
+    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda: where training and tracing run")
+    width: float = Field(gt=0, le=16, description="digits: hidden 64 * width; text: hidden 128 * width")
+    depth: int = Field(ge=2, le=64, description="blocks (digits) / decoder layers (text)")
+    steps: int = Field(ge=1, le=1000000, description="training steps of a model trained here")
     lr: float = Field(gt=0, le=10, description="learning rate (AdamW)")
     batch_size: int = Field(ge=1, le=4096, description="training batch size")
-    ema_decay: float = Field(ge=0, lt=1, description="decay of the weights' exponential moving average (the saved teacher)")
-    caption_dropout: float = Field(ge=0, lt=1, description="empty captions, for classifier-free guidance")
-    sample_steps: int = Field(ge=1, le=1000, description="Euler steps of the sample grid and quality metrics")
-    guidance: float = Field(ge=1, le=20, description="classifier-free guidance scale when sampling")
-    prompts_per_digit: int = Field(ge=1, le=1000, description="prompts per digit for the sample grid and adherence")
+    seq_len: int = Field(ge=8, le=8192, description="text: tokens (bytes) per training / held-out sequence")
+    ema_decay: float = Field(ge=0, lt=1, description="digits: decay of the weights' moving average (the saved teacher)")
+    caption_dropout: float = Field(ge=0, lt=1, description="digits: empty captions, for classifier-free guidance")
+    sample_steps: int = Field(ge=1, le=1000, description="digits: Euler steps of the sample grid and quality metrics")
+    guidance: float = Field(ge=1, le=20, description="digits: classifier-free guidance scale when sampling")
+    prompts_per_digit: int = Field(ge=1, le=1000, description="digits: prompts per digit for the sample grid and adherence")
     seed: int = Field(ge=0, description="random seed of this step (data order, initialisation, subsets)")
+
+    @model_validator(mode="after")
+    def _inputs_for_folders(self) -> "PpclTeacherConfig":
+        if self.model not in ("digits", "text") and not self.inputs:
+            raise ValueError(f"model {self.model!r} is a folder: set inputs to a capture file (record one with "
+                             "distillery.ppcl.capture) or to file.py:function returning the forward's keyword arguments")
+        return self
 
 
 class PpclProbeConfig(Section):
     """PPCL step 1: residual linear probes per block, fitted on calibration activations."""
-    calibration_size: int = Field(ge=8, le=100000, description="noisy inputs (x_t, t, caption) from train")
+    calibration_size: int = Field(ge=8, le=100000, description="calibration inputs the probes are fitted on (the first of ppcl_teacher's)")
     ridge: float = Field(ge=0, le=10, description="ridge added to the least-squares fit, for stability")
     finetune_steps: int = Field(ge=0, le=100000, description="gradient steps refining each least-squares probe; 0 keeps the closed form")
     lr: float = Field(gt=0, le=10, description="learning rate of the probe fine-tune")
@@ -326,7 +342,7 @@ class IntervalsConfig(Section):
 
 class DepthDistillConfig(Section):
     """PPCL step 3: one student block per interval, trained independently (concurrently) on teacher activations."""
-    data_size: int = Field(ge=8, le=1000000, description="noisy inputs the teacher is traced on")
+    data_size: int = Field(ge=8, le=1000000, description="calibration inputs the teacher is traced on")
     steps: int = Field(ge=0, le=1000000, description="per student, lr 1e-3 (300 at 3e-4: 17 % adherence drop at 50 % removed; this: 3.6 %)")
     lr: float = Field(gt=0, le=10, description="learning rate of each student")
     batch_size: int = Field(ge=1, le=65536, description="training batch size")
@@ -339,9 +355,9 @@ class DepthDistillConfig(Section):
 class WidthPruneConfig(Section):
     """PPCL step 4: residual linear projectors for the FFNs / text MLPs that are most nearly linear."""
     base_ratio: float = Field(ge=0, lt=1, description="the depth variant (an intervals.ratios entry) pruned in width; 0 = teacher")
-    ffn: int = Field(ge=0, le=64, description="image FFNs replaced (lowest linear replacement error)")
+    ffn: int = Field(ge=0, le=64, description="image-stream FFNs (an LLM's MLPs) replaced (lowest linear replacement error)")
     text_mlp: int = Field(ge=0, le=64, description="text-stream MLPs replaced")
-    data_size: int = Field(ge=8, le=1000000, description="noisy inputs the variant is traced on for the projectors")
+    data_size: int = Field(ge=8, le=1000000, description="calibration inputs the variant is traced on for the projectors")
     ridge: float = Field(ge=0, le=10, description="ridge added to the least-squares fit, for stability")
     steps: int = Field(ge=0, le=1000000, description="0 keeps the least-squares projectors")
     lr: float = Field(gt=0, le=10, description="learning rate of the projectors")
@@ -351,9 +367,9 @@ class WidthPruneConfig(Section):
 
 class MenuConfig(Section):
     """PPCL's menu: variants assembled from the trained students, exported, timed and scored."""
-    sample_steps: int = Field(ge=1, le=1000, description="Euler steps per sample")
-    guidance: float = Field(ge=1, le=20, description="classifier-free guidance scale when sampling")
-    prompts_per_digit: int = Field(ge=1, le=1000, description="200 fixed prompts")
+    sample_steps: int = Field(ge=1, le=1000, description="digits: Euler steps per sample")
+    guidance: float = Field(ge=1, le=20, description="digits: classifier-free guidance scale when sampling")
+    prompts_per_digit: int = Field(ge=1, le=1000, description="digits: 200 fixed prompts")
     seed: int = Field(ge=0, description="seed of the fixed prompts and their noise")
     opset: int = Field(ge=13, le=23, description="ONNX opset of the exported models")
     warmup: int = Field(ge=0, le=10000, description="untimed ONNX Runtime runs before timing")

@@ -157,13 +157,11 @@ VIT = Adapter(streams=("h",), embed=_vit_embed, head=_vit_head, mlp_attrs=("mlp"
 
 
 def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter of a model from the zoo, or of a supported diffusers / transformers class."""
+    """The adapter of a model from the zoo (`distillery.ppcl.hf.adapter_for` also knows the diffusers and
+    transformers classes)."""
     for cls, adapter in ((MMDiT, MMDIT), (ViT, VIT)):
         if isinstance(model, cls):
             return adapter
-    if type(model).__module__.startswith(("diffusers.", "transformers.")):
-        from distillery.ppcl.hf import hf_adapter
-        return hf_adapter(model)
     raise TypeError(f"no PPCL adapter for {type(model).__name__}; build an Adapter for it")
 
 

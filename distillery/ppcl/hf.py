@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from distillery.core.errors import DataError, ParamsError
 from distillery.models.factory import import_module
-from distillery.ppcl.adapter import Adapter, Cond, States
+from distillery.ppcl.adapter import Adapter, Cond, States, adapter_for as zoo_adapter_for
 
 # transformers and diffusers import torchvision when it is installed; next to the CPU torch its wheel needs
 # the detection ops declared first (see distillery.models.factory)
@@ -275,6 +275,13 @@ def hf_adapter(model: nn.Module) -> Adapter:
     raise ParamsError(f"PPCL has no adapter for {type(model).__module__}.{name}; supported: {SUPPORTED}")
 
 
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter of any model PPCL supports: the project's zoo, diffusers and transformers classes."""
+    if type(model).__module__.startswith(("diffusers.", "transformers.")):
+        return hf_adapter(model)
+    return zoo_adapter_for(model)
+
+
 def config_update(model: nn.Module, adapter: Adapter) -> dict:
     """The config keys that describe the model's current (pruned) stack."""
     if adapter is DECODER:
@@ -316,7 +323,7 @@ def load_pretrained(path: Path | str, subfolder: str | None = None) -> nn.Module
             cls = getattr(diffusers, name, None)
             if cls is None:
                 raise ParamsError(f"{folder}: diffusers has no class {name!r}; supported: {SUPPORTED}")
-            model = cls.from_pretrained(folder, torch_dtype=torch.float32)
+            model = cls.from_pretrained(folder, torch_dtype=torch.float32, low_cpu_mem_usage=False)
         else:
             from transformers import AutoModelForCausalLM
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

@@ -11,8 +11,7 @@ import torch.nn as nn
 
 from distillery.core.artifacts import atomic_path
 from distillery.core.errors import ArtifactError
-from distillery.models import load_model
-from distillery.ppcl.adapter import MMDIT, Trace
+from distillery.ppcl.adapter import Trace
 from distillery.ppcl.depth import distill_interval, distill_sequential, load_student
 
 Interval = tuple[int, int]
@@ -61,22 +60,32 @@ def load_probe_file(path: Path) -> dict:
 def distill_worker(job: dict) -> dict:
     """Train one interval's student (or the sequential chain) in this process; returns state dicts.
 
-    `job`: {"kind": "interval" | "sequential", "teacher": path, "intervals": [...], "states": {index: states},
-    "cond": tensor, "cfg": DistillConfig}. Only the hidden states the job needs travel to the worker.
+    `job`: {"kind": "interval" | "sequential", "teacher": folder with source.json, "intervals": [...],
+    "states": {index: states}, "cond": the blocks' condition, "cfg": DistillConfig, "threads": n}. Only the
+    hidden states the job needs travel to the worker.
     """
-    torch.set_num_threads(1)
-    teacher, _ = load_model(job["teacher"])
-    n = len(teacher.blocks)
+    from distillery.ppcl.hf import adapter_for
+    from distillery.ppcl.source import load_teacher
+    torch.set_num_threads(job.get("threads", 1))
+    teacher, _ = load_teacher(Path(job["teacher"]))
+    adapter = adapter_for(teacher)
+    device = next(iter(job["states"].values()))[0].device
+    teacher.to(device)
+    n = len(adapter.blocks(teacher))
     hidden = [job["states"].get(i, ()) for i in range(n + 1)]
     tr = Trace(hidden, job["cond"], torch.empty(0))
     if job["kind"] == "interval":
         iv = tuple(job["intervals"][0])
-        student, hist = distill_interval(teacher, MMDIT, tr, iv, job["cfg"])
-        return {"kind": "interval", "results": {iv: (student.state_dict(), hist.initial, hist.final)}}
+        student, hist = distill_interval(teacher, adapter, tr, iv, job["cfg"])
+        return {"kind": "interval", "results": {iv: (_cpu(student.state_dict()), hist.initial, hist.final)}}
     # the sequential chain needs every state; the caller sends them all
-    seq = distill_sequential(teacher, MMDIT, tr, [tuple(i) for i in job["intervals"]], job["cfg"])
+    seq = distill_sequential(teacher, adapter, tr, [tuple(i) for i in job["intervals"]], job["cfg"])
     return {"kind": "sequential",
-            "results": {iv: (s.state_dict(), h.initial, h.final) for iv, (s, h) in seq.items()}}
+            "results": {iv: (_cpu(s.state_dict()), h.initial, h.final) for iv, (s, h) in seq.items()}}
+
+
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def jobs(teacher: Path | str, tr: Trace, students, sequential, cfg) -> list[dict]:
@@ -94,9 +103,11 @@ def jobs(teacher: Path | str, tr: Trace, students, sequential, cfg) -> list[dict
 
 
 def run_jobs(all_jobs: list[dict], workers: int) -> list[dict]:
-    """Jobs in `workers` processes at once (spawned: no OpenMP state forked), or in this one for 1."""
+    """Jobs in `workers` processes at once (spawned: no OpenMP state forked), or in this one for 1
+    (with every core, and always on a GPU)."""
     if workers <= 1 or len(all_jobs) <= 1:
-        return [distill_worker(j) for j in all_jobs]
+        import os
+        return [distill_worker(j | {"threads": os.cpu_count() or 1}) for j in all_jobs]
     # longest first: the sequential chain holds several intervals
     order = sorted(range(len(all_jobs)), key=lambda i: -len(all_jobs[i]["intervals"]))
     with ProcessPoolExecutor(max_workers=min(workers, len(all_jobs)), mp_context=get_context("spawn")) as pool:

@@ -14,6 +14,7 @@ from distillery.core.params import load_params, parse_section
 from distillery.core.errors import ParamsError
 from distillery.models import build_model
 from distillery.ppcl.adapter import MMDIT, trace
+from distillery.ppcl.hf import adapter_for
 from distillery.ppcl.depth import DistillConfig, distill_interval
 from distillery.ppcl.flow_matching import noisy_inputs
 
@@ -137,7 +138,7 @@ def test_variant_assembles_from_students_trained_in_separate_calls_without_train
     monkeypatch.setattr(torch.optim.Optimizer, "zero_grad", no_training)
     monkeypatch.setattr(torch.optim.AdamW, "step", no_training)
     monkeypatch.setattr(torch.optim.Adam, "step", no_training)
-    menu = assemble_menu(teacher, chosen, width_path=None)
+    menu = assemble_menu(teacher, MMDIT, chosen, width_path=None)
     assert [menu[n]["blocks"] for n in ("teacher", "ppcl25", "ppcl50")] == [4, 3, 2]
     variant = menu["ppcl50"]["model"]
     for i, iv in enumerate([(0, 2), (2, 4)]):
@@ -151,15 +152,48 @@ def test_variant_assembles_from_students_trained_in_separate_calls_without_train
 
 
 def test_distill_worker_runs_one_interval_from_only_its_states(tmp_path):
-    from distillery.core.artifacts import save_checkpoint
+    """A worker loads the teacher from its folder (source.json, as a later stage does) and trains from the
+    states the job carries."""
+    from distillery.ppcl.hf import adapter_for
+    from distillery.ppcl.capture import split_call
+    from distillery.ppcl.digits_hf import build_digits_denoiser
+    from distillery.ppcl.source import write_source
     from distillery.ppcl.students import jobs, run_jobs
-    teacher = tiny_teacher()
-    tr = tiny_trace(teacher)
-    path = tmp_path / "teacher.pt"
-    save_checkpoint(path, teacher, SPEC)
-    all_jobs = jobs(path, tr, [(0, 2)], [(1, 3)], DistillConfig(steps=2, batch_size=8))
-    assert all(j["teacher"] == str(path) for j in all_jobs)
+    denoiser = build_digits_denoiser(width=0.5, depth=5, seed=0)
+    denoiser.transformer.save_pretrained(tmp_path / "teacher/transformer")
+    write_source(tmp_path / "teacher", {"kind": "digits", "path": str(tmp_path / "teacher"), "subfolder": "transformer"})
+    model = denoiser.transformer.eval()
+    adapter = adapter_for(model)
+    x, t, tokens = denoiser.example_inputs(16)
+    tr = trace(model, adapter, split_call(denoiser.model_inputs(x, t, tokens)))
+    all_jobs = jobs(tmp_path / "teacher", tr, [(0, 2)], [(1, 3)], DistillConfig(steps=2, batch_size=8))
     assert set(all_jobs[0]["states"]) == {0, 2}
     results = run_jobs(all_jobs, workers=1)
     assert [r["kind"] for r in results] == ["interval", "sequential"]
     assert set(results[0]["results"]) == {(0, 2)} and set(results[1]["results"]) == {(1, 3)}
+    state = results[0]["results"][(0, 2)][0]
+    assert set(state) == set(adapter.blocks(model)[0].state_dict())
+
+
+def test_menu_times_in_pytorch_when_a_class_does_not_export_to_onnx(tmp_path, monkeypatch):
+    """Qwen-Image's complex rotary embedding does not export: every variant is timed in PyTorch instead (like
+    with like), and the report says why; a class that exports is timed in ONNX Runtime."""
+    import sys
+    from types import SimpleNamespace
+    from distillery.ppcl.capture import split_call
+    from distillery.ppcl.depth import assemble
+    from tasks.menu import timing
+    sys.path.insert(0, str(ROOT / "tests/distillery/ppcl"))
+    import hf_tiny
+    monkeypatch.chdir(tmp_path)
+    cfg = SimpleNamespace(opset=18, threads=[1], warmup=1, runs=10)
+    for kind, runtime in (("qwen_image", "pytorch"), ("llama", "onnxruntime")):
+        model = hf_tiny.build(kind)
+        adapter = adapter_for(model)
+        menu = {"teacher": {"model": model}, "half": {"model": assemble(model, adapter, {(0, 2): None})}}
+        res, got, failure = timing(menu, split_call(hf_tiny.inputs(kind, n=1)), cfg)
+        assert got == runtime, failure
+        assert (failure is None) == (runtime == "onnxruntime")
+        assert set(res["models"]) == {"teacher", "half"} and res["models"]["half"]["threads_1"]["p50_ms"] > 0
+        assert sorted(p.stem for p in (tmp_path / "models/ppcl/onnx").glob("*.onnx")) == \
+            ([] if runtime == "pytorch" else ["half", "teacher"])

@@ -8,7 +8,8 @@ import torch
 
 import hf_tiny
 from distillery.core.errors import DataError, ParamsError
-from distillery.ppcl.adapter import adapter_for, trace
+from distillery.ppcl.adapter import trace
+from distillery.ppcl.hf import adapter_for
 from distillery.ppcl.capture import ModelInputs, capture, read_inputs_file, split_call
 from distillery.ppcl.cka import cka_table
 from distillery.ppcl.depth import DistillConfig, assemble, distill_interval

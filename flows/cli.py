@@ -41,7 +41,9 @@ def check_params(path: Path) -> dict:
 
 
 def check_ppcl(cfg) -> None:
-    """A folder teacher of PPCL: the folder holds a supported class and its inputs source exists."""
+    """PPCL's device exists here; a folder teacher holds a supported class and its inputs source exists."""
+    from distillery.ppcl.hf import resolve_device
+    resolve_device(cfg.device)
     if cfg.model in ("digits", "text"):
         return
     from distillery.core.errors import ParamsError

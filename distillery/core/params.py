@@ -302,8 +302,9 @@ class PpclTeacherConfig(Section):
     @model_validator(mode="after")
     def _inputs_for_folders(self) -> "PpclTeacherConfig":
         if self.model not in ("digits", "text") and not self.inputs:
-            raise ValueError(f"model {self.model!r} is a folder: set inputs to a capture file (record one with "
-                             "distillery.ppcl.capture) or to file.py:function returning the forward's keyword arguments")
+            raise ValueError(f"ppcl_teacher.model = {self.model!r} is a folder: set ppcl_teacher.inputs to a capture "
+                             "file (record one with distillery.ppcl.capture) or to file.py:function returning the "
+                             "forward's keyword arguments")
         return self
 
 

@@ -88,6 +88,7 @@ def train_flow_matching(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.nd
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y)
+    device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps,
                                                 pct_start=cfg.warmup_ratio, anneal_strategy="cos")
@@ -100,7 +101,10 @@ def train_flow_matching(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.nd
         x0 = x[idx]
         t = sample_t(len(idx), cfg.t_sampling, gen)
         x_t, target = interpolate(x0, torch.randn(x0.shape, generator=gen), t)
-        loss = F.mse_loss(model(x_t, t, random_tokens(y[idx], gen, cfg.caption_dropout)), target)
+        tokens = random_tokens(y[idx], gen, cfg.caption_dropout)
+        # batches are drawn on the CPU (same numbers on any device), then moved to the model's device
+        x_t, t, tokens, target = (v.to(device) for v in (x_t, t, tokens, target))
+        loss = F.mse_loss(model(x_t, t, tokens), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -181,6 +181,24 @@ CASES = {
     "idx-folder-without-files": ({"prepare": {"source": "idx", "path": "data/raw"}}, None,
                                  ["data/raw", "no '*images-idx3-ubyte' files"]),
 }
+def diffusers_folder(root: Path, name: str) -> None:
+    (root / "m").mkdir()
+    (root / "m/config.json").write_text('{"_class_name": "%s", "_diffusers_version": "0.42.1"}' % name)
+
+
+CASES.update({  # PPCL on a user's folder
+    "ppcl-folder-missing": ({"ppcl_teacher": {"model": "nope", "inputs": "in.pt"}}, None,
+                            ["ppcl_teacher.model = 'nope'", "not found", "subfolder"]),
+    "ppcl-folder-without-inputs": ({"ppcl_teacher": {"model": "m"}}, None,
+                                   ["ppcl_teacher", "inputs", "capture file"]),
+    "ppcl-unsupported-class": ({"ppcl_teacher": {"model": "m", "inputs": "in.pt"}},
+                               lambda r: diffusers_folder(r, "UNet2DConditionModel"),
+                               ["UNet2DConditionModel has no PPCL adapter", "SD3Transformer2DModel"]),
+    "ppcl-inputs-missing": ({"ppcl_teacher": {"model": "m", "inputs": "in.pt"}},
+                            lambda r: diffusers_folder(r, "SD3Transformer2DModel"),
+                            ["ppcl_teacher.inputs = 'in.pt'", "file not found", "capture"]),
+    "ppcl-device-typo": ({"ppcl_teacher": {"device": "gpu"}}, None, ["ppcl_teacher.device", "gpu"]),
+})
 RAW_FILE_CASES = {  # the params file itself is broken
     "yaml-syntax-error": ("train:\n  epochs: [3\n", ["params.yaml", "not valid YAML"]),
     "params-is-a-list": ("- train\n- prune\n", ["params.yaml", "expected a mapping of sections, got list"]),

@@ -129,3 +129,11 @@ def test_inputs_of_different_shapes_and_unsupported_folders_are_refused(tmp_path
     with pytest.raises(ParamsError, match="subfolder"):
         check_folder(tmp_path / "missing")
     assert check_folder(hf_tiny.save(hf_tiny.build("llama", layers=2), tmp_path / "lm")) == "LlamaForCausalLM"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_device_auto_is_the_cpu_without_a_gpu_and_cuda_is_a_clear_error():
+    from distillery.ppcl.hf import resolve_device
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(ParamsError, match="no GPU.*device: auto or cpu"):
+        resolve_device("cuda")

@@ -72,11 +72,10 @@ def assemble_menu(teacher, adapter, chosen: dict, width_path: Path | None = WIDT
     return menu
 
 
-def save_variants(menu: dict, adapter, heldout) -> dict[str, float]:
+def save_variants(menu: dict, heldout) -> dict[str, float]:
     """Each variant but the teacher as a folder its library loads; reloaded, the largest |difference| of its
     output from the in-memory variant's on a few held-out inputs."""
-    from distillery.ppcl.adapter import trace
-    from distillery.ppcl.hf import load_pretrained, save_variant
+    from distillery.ppcl.hf import load_pretrained, outputs, save_variant
     VARIANTS.mkdir(parents=True, exist_ok=True)
     for old in VARIANTS.iterdir():
         if old.name not in menu:
@@ -86,17 +85,15 @@ def save_variants(menu: dict, adapter, heldout) -> dict[str, float]:
         if name == BASELINE:
             continue
         folder = save_variant(v["model"], VARIANTS / name, {"how": v["how"], "blocks": v["blocks"]})
-        with torch.no_grad():
-            errors[name] = float((trace(load_pretrained(folder), adapter, probe).output
-                                  - trace(v["model"], adapter, probe).output).abs().max())
+        errors[name] = float((outputs(load_pretrained(folder), probe) - outputs(v["model"], probe)).abs().max())
         print(f"menu: {name} -> {folder} (reloaded: max |diff| {errors[name]:.2e})")
     return errors
 
 
-def fidelity(menu: dict, adapter, heldout, kind: str) -> dict[str, dict]:
-    from distillery.ppcl.adapter import trace
+def fidelity(menu: dict, adapter, heldout) -> dict[str, dict]:
     from distillery.ppcl.fidelity import output_fidelity
-    outs = {name: trace(v["model"], adapter, heldout, batch_size=64).output for name, v in menu.items()}
+    from distillery.ppcl.hf import outputs
+    outs = {name: outputs(v["model"], heldout) for name, v in menu.items()}
     quality = {name: output_fidelity(outs[BASELINE], out) for name, out in outs.items()}
     if adapter.streams == ("h",) and "input_ids" in heldout.batched:
         from distillery.ppcl.textlm import compare_lm
@@ -243,8 +240,8 @@ def main() -> None:
     menu = assemble_menu(teacher, adapter, chosen)
     n_blocks = len(adapter.blocks(teacher))
     with tracking.stage_run("menu", cfg.model_dump()):
-        reload_errors = save_variants(menu, adapter, heldout)
-        quality = fidelity(menu, adapter, heldout, source["kind"])
+        reload_errors = save_variants(menu, heldout)
+        quality = fidelity(menu, adapter, heldout)
         for name, err in reload_errors.items():
             quality[name]["reload_max_abs_error"] = err
         prompts_n = None

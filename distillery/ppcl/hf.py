@@ -457,3 +457,11 @@ def check_folder(path: Path | str, subfolder: str | None = None) -> str:
         raise ParamsError(f"{folder}: {', '.join(archs) or cfg.get('model_type')} is not a causal language model; "
                           f"supported: {SUPPORTED}")
     return archs[0]
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, inputs, batch_size: int = 32) -> torch.Tensor:
+    """The model's own forward on `ModelInputs`, batch by batch (no hidden states kept), on the CPU."""
+    model.eval()
+    return torch.cat([forward_output(model, inputs.take(slice(i, i + batch_size)).kwargs()).float().cpu()
+                      for i in range(0, len(inputs), batch_size)])

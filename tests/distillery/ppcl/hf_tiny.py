@@ -10,7 +10,8 @@ import torch
 
 import distillery.ppcl.hf  # noqa: F401  (lets diffusers / transformers import next to the CPU torch)
 
-CLASSES = ("sd3", "flux", "qwen_image", "llama", "qwen2")
+CLASSES = ("sd3", "flux", "qwen_image", "llama", "qwen2", "qwen3")
+LLMS = ("llama", "qwen2", "qwen3")
 
 
 def perturb(model, scale: float = 0.05, seed: int = 0):
@@ -38,9 +39,10 @@ def build(kind: str, layers: int = 4, seed: int = 0):
         model = QwenImageTransformer2DModel(patch_size=2, in_channels=8, out_channels=2, num_layers=layers,
                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
                                             axes_dims_rope=(4, 6, 6))
-    elif kind in ("llama", "qwen2"):
-        from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-        cfg_cls, cls = (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    elif kind in LLMS:
+        import transformers
+        name = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[kind]
+        cfg_cls, cls = getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
         cfg = cfg_cls(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
         model = cls(cfg)

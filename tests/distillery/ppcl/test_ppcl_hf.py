@@ -46,7 +46,7 @@ def test_chain_runs_and_variants_reload_with_the_librarys_from_pretrained(kind, 
     folder = save_variant(variant, tmp_path / "variant")
     # the stock class, as a user of the library loads it
     cls = type(model)
-    if kind in ("llama", "qwen2"):
+    if kind in hf_tiny.LLMS:
         from transformers import AutoModelForCausalLM
         reloaded = AutoModelForCausalLM.from_pretrained(folder)
         assert reloaded.config.num_hidden_layers == n - 1
@@ -137,3 +137,22 @@ def test_device_auto_is_the_cpu_without_a_gpu_and_cuda_is_a_clear_error():
     assert resolve_device("auto").type == "cpu"
     with pytest.raises(ParamsError, match="no GPU.*device: auto or cpu"):
         resolve_device("cuda")
+
+
+def test_inputs_from_a_users_function_and_its_errors(tmp_path, monkeypatch):
+    from distillery.ppcl.capture import load_inputs
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_inputs.py").write_text(
+        "import torch\n"
+        "def calibration():\n"
+        "    for i in range(3):\n"
+        "        yield {'input_ids': torch.full((4, 8), i), 'attention_mask': torch.ones(4, 8, dtype=torch.long)}\n"
+        "def broken():\n"
+        "    return [1, 2]\n")
+    got = load_inputs("my_inputs.py:calibration")
+    assert len(got) == 12 and set(got.batched) == {"input_ids", "attention_mask"}
+    assert got.batched["input_ids"][8:].eq(2).all()
+    with pytest.raises(DataError, match="must return or yield dicts"):
+        load_inputs("my_inputs.py:broken")
+    with pytest.raises(ParamsError, match="ppcl_teacher.inputs.*no 'calibraton'.*did you mean calibration"):
+        load_inputs("my_inputs.py:calibraton")

@@ -26,7 +26,7 @@ def embedded_defaults(root: Path) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 
-def check_params(path: Path) -> dict:
+def check_params(path: Path, recipe: str | None = None) -> dict:
     """Every section of `path` validated, the raw data readable, and the model built with its weights and
     run on one batch of the data's shape, its outputs against the data's classes; nothing written."""
     from distillery.core.params import load_params
@@ -36,7 +36,8 @@ def check_params(path: Path) -> dict:
     data = check_source(prep.source, prep.path, test_path=prep.test_path, grayscale=prep.grayscale,
                         normalize=prep.normalize)
     check_model(train, data, prep.image_size, qat=configs["quantize"].method == "qat")
-    check_ppcl(configs["ppcl_teacher"])
+    if recipe in (None, "ppcl"):  # `validate` checks everything; a pqd run does not stop for a PPCL folder
+        check_ppcl(configs["ppcl_teacher"])
     return configs
 
 
@@ -143,7 +144,7 @@ def run(recipe: str = typer.Argument(..., help=f"one of: {', '.join(RECIPES)}"),
     try:
         if recipe not in RECIPES:
             raise DistilleryError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
-        configs = check_params(root / "params.yaml")  # before Prefect's start-up: bad params cost no time
+        configs = check_params(root / "params.yaml", recipe)  # before Prefect's start-up: bad params cost no time
     except DistilleryError as err:
         fail(err, debug)
     for line in notes(configs):

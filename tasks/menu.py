@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -90,17 +91,23 @@ def save_variants(menu: dict, heldout) -> dict[str, float]:
     return errors
 
 
-def fidelity(menu: dict, adapter, heldout) -> dict[str, dict]:
-    from distillery.ppcl.fidelity import output_fidelity
-    from distillery.ppcl.hf import outputs
-    outs = {name: outputs(v["model"], heldout) for name, v in menu.items()}
-    quality = {name: output_fidelity(outs[BASELINE], out) for name, out in outs.items()}
-    if adapter.streams == ("h",) and "input_ids" in heldout.batched:
-        from distillery.ppcl.textlm import compare_lm
-        ids = heldout.batched["input_ids"]
-        for name, out in outs.items():
-            quality[name] |= compare_lm(outs[BASELINE], out, ids)
-    return quality
+def fidelity(menu: dict, adapter, heldout, batch_size: int = 16) -> dict[str, dict]:
+    """Every variant against the teacher on the held-out inputs, batch by batch (no variant's outputs are
+    kept whole: an LLM's logits over a large vocabulary would not fit): cosine and relative error of the
+    output; for a language model also perplexity, its ratio and next-token agreement (padding excluded)."""
+    from distillery.ppcl.fidelity import FidelityMeter
+    from distillery.ppcl.hf import forward_output
+    lm = adapter.streams == ("h",) and "input_ids" in heldout.batched
+    meters = {name: FidelityMeter(lm) for name in menu}
+    with torch.no_grad():
+        for i in range(0, len(heldout), batch_size):
+            part = heldout.take(slice(i, i + batch_size))
+            kwargs = part.kwargs()
+            ref = forward_output(menu[BASELINE]["model"], kwargs).float()
+            for name, v in menu.items():
+                out = ref if name == BASELINE else forward_output(v["model"], kwargs).float()
+                meters[name].update(ref, out, kwargs.get("input_ids"), kwargs.get("attention_mask"))
+    return {name: m.result() for name, m in meters.items()}
 
 
 def digits_quality(menu: dict, cfg) -> dict[str, dict]:
@@ -161,7 +168,7 @@ def timing(menu: dict, example, cfg) -> tuple[dict, str, str | None]:
         from distillery.ppcl.hf import forward_output
 
         def make(threads):
-            torch.set_num_threads(threads or torch.get_num_threads())
+            torch.set_num_threads(threads or os.cpu_count() or 1)
 
             @torch.inference_mode()
             def run(model):

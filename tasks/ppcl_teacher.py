@@ -139,8 +139,10 @@ def folder_teacher(cfg) -> tuple[dict, ModelInputs, ModelInputs, dict]:
                         "called with (distillery.ppcl.capture.capture)") from None
     err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
     if err > 1e-4:
-        raise DataError(f"{type(model).__name__}: the PPCL adapter does not reproduce the model's forward (relative "
-                        f"difference {err:.2e}); is the library the version in constraints.txt?")
+        raise DataError(f"{type(model).__name__}: the PPCL adapter does not reproduce the model's forward on these "
+                        f"inputs (relative difference {err:.2e}): an input the adapter does not pass to the blocks "
+                        "(controlnet, skip_layers, ...), a config it does not know, or a library version other than "
+                        "constraints.txt's")
     folder = Path(cfg.model) / (cfg.subfolder or "")
     metrics = {"samples": len(inputs), "calibration": len(calibration), "heldout": len(heldout),
                "params": sum(p.numel() for p in model.parameters()), "blocks": len(adapter.blocks(model))}

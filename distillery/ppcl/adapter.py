@@ -42,6 +42,10 @@ class Cond:
 
     @staticmethod
     def cat(conds: Sequence["Cond"]) -> "Cond":
+        keys = set(conds[0].batched)
+        if any(set(c.batched) != keys or set(c.shared) != set(conds[0].shared) for c in conds):
+            raise ValueError("the blocks' condition differs in kind between batches of one set of inputs "
+                             f"({sorted(keys)} vs {[sorted(c.batched) for c in conds if set(c.batched) != keys][:1]})")
         return Cond({k: torch.cat([c.batched[k] for c in conds]) for k in conds[0].batched}, conds[0].shared)
 
 

@@ -4,7 +4,10 @@
 once: `batched` values have one row per sample (latents, text embeddings, timesteps, token ids, and
 per-sample lists such as Qwen-Image's `img_shapes`), `static` values are the same for every call
 (Flux's `img_ids` / `txt_ids`). `capture(model)` records them from whatever code the user runs the
-model with (a diffusers pipeline, a generate loop, an evaluation script):
+model with (a diffusers pipeline, an evaluation script; not an LLM's `generate()`, whose calls after the
+first feed one token each: capture plain forward calls on the prompts). Floating tensors are
+kept in float32, a value given once for the whole batch (a timestep of shape (1,)) is repeated per sample,
+and a padding mask that some calls leave out (no padding) is filled with ones:
 
     with capture(pipe.transformer) as rec:
         pipe(prompts, num_inference_steps=20)
@@ -29,7 +32,11 @@ import torch.nn as nn
 from distillery.core.artifacts import atomic_path
 from distillery.core.errors import DataError
 
-DROP = {"return_dict", "use_cache", "output_attentions", "output_hidden_states"}  # never inputs
+# never inputs: output switches and generation state (capture plain forward calls, or generate()'s prefill:
+# a decode step's cache and one-token inputs are not calibration data)
+DROP = {"return_dict", "use_cache", "output_attentions", "output_hidden_states", "cache", "past_key_values",
+        "cache_position", "logits_to_keep", "labels"}
+MASKS = {"attention_mask": "input_ids", "encoder_hidden_states_mask": "encoder_hidden_states"}  # mask -> its tensor
 
 
 @dataclass
@@ -61,6 +68,12 @@ class ModelInputs:
         return ModelInputs({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.batched.items()},
                            {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.static.items()})
 
+    def as_float32(self) -> "ModelInputs":
+        """Floating tensors in float32 (PPCL runs the model in float32; pipelines often run in half)."""
+        def f(v):
+            return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        return ModelInputs({k: f(v) for k, v in self.batched.items()}, {k: f(v) for k, v in self.static.items()})
+
     def state(self) -> dict:
         return {"batched": self.batched, "static": self.static}
 
@@ -75,6 +88,7 @@ class ModelInputs:
         parts = list(parts)
         if not parts:
             raise DataError("no model inputs were captured: run the model at least once inside capture()")
+        parts = _fill_masks(parts)
         keys = set(parts[0].batched)
         for i, p in enumerate(parts[1:], 1):
             if set(p.batched) != keys:
@@ -103,6 +117,17 @@ class ModelInputs:
         return self.take(perm[:n])
 
 
+def _fill_masks(parts: list[ModelInputs]) -> list[ModelInputs]:
+    """A padding mask some calls pass and others leave out (no padding, e.g. Qwen-Image's pipeline drops an
+    all-ones mask) is filled with ones where it is missing."""
+    for mask, of in MASKS.items():
+        if any(mask in p.batched for p in parts) and not all(mask in p.batched for p in parts):
+            parts = [p if mask in p.batched or of not in p.batched else
+                     ModelInputs({**p.batched, mask: torch.ones(p.batched[of].shape[:2], dtype=torch.long)}, p.static)
+                     for p in parts]
+    return parts
+
+
 def _same(a, b) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
@@ -111,7 +136,8 @@ def _same(a, b) -> bool:
 
 def _detach(v):
     if isinstance(v, torch.Tensor):
-        return v.detach().to("cpu").clone()
+        v = v.detach().to("cpu")
+        return v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone()  # PPCL runs in float32
     if isinstance(v, (list, tuple)):
         return type(v)(_detach(x) for x in v)
     return v
@@ -120,6 +146,9 @@ def _detach(v):
 def split_call(kwargs: Mapping[str, Any]) -> ModelInputs:
     """One call's keyword arguments as `ModelInputs`: a tensor or list whose first dimension is the batch
     size (that of the first tensor argument) is per-sample, everything else static."""
+    for k, v in kwargs.items():
+        if isinstance(v, dict) and k in MASKS:
+            raise DataError(f"input {k!r} is a dict of masks: capture calls that pass one padding mask tensor")
     kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in DROP and not isinstance(v, dict)}
     tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
     if not tensors:
@@ -127,6 +156,8 @@ def split_call(kwargs: Mapping[str, Any]) -> ModelInputs:
     n = len(tensors[0])
     batched, static = {}, {}
     for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == 1 < n and k not in ("img_ids", "txt_ids"):
+            v = v.expand(n, *v.shape[1:])  # one value for the whole batch (a timestep, position ids): per sample
         per_sample = (isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == n) or \
                      (isinstance(v, list) and len(v) == n and k != "txt_seq_lens")
         (batched if per_sample else static)[k] = _detach(v)
@@ -218,8 +249,8 @@ def load_inputs(source: str, root: Path | None = None) -> ModelInputs:
     """Inputs from a capture file (.pt / .pth) or a user function `file.py:function`."""
     from distillery.models.factory import is_factory
     if is_factory(source):
-        return inputs_from_function(source)
+        return inputs_from_function(source).as_float32()
     path = Path(source)
     if root is not None and not path.is_absolute():
         path = Path(root) / path
-    return read_inputs_file(path)
+    return read_inputs_file(path).as_float32()

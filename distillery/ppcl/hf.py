@@ -213,18 +213,23 @@ def _lm_embed(model, inputs):
     pos = kw.get("position_ids")
     if pos is None:
         pos = torch.arange(emb.shape[1], device=emb.device)[None]
-    mask_kw = {"config": base.config, "inputs_embeds": emb, "attention_mask": kw.get("attention_mask"),
-               "cache": None, "position_ids": pos}
+    padding = kw.get("attention_mask")
+    # with a padding mask every chunk gets a real (batch, 1, T, T) mask (sdpa would skip an all-ones chunk's,
+    # and chunks must agree); without one the mask is None everywhere and attention is causal
+    mask_kw = {"config": base.config, "inputs_embeds": emb, "attention_mask": padding, "cache": None,
+               "position_ids": pos, "allow_is_causal_skip": padding is None}
     masks = {"full_attention": create_causal_mask(**mask_kw)}
     if "sliding_attention" in (getattr(base.config, "layer_types", None) or ()):
         masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kw)
     rotary = base.rotary_emb(emb, position_ids=pos)
-    batched = {f"mask.{k}": m for k, m in masks.items() if isinstance(m, torch.Tensor) and m.shape[0] == emb.shape[0]}
-    shared = {f"mask.{k}": m for k, m in masks.items() if f"mask.{k}" not in batched}
-    if pos.shape[0] == emb.shape[0] and pos.shape[0] > 1:
-        batched.update({"pos": pos, "cos": rotary[0], "sin": rotary[1]})
-    else:
-        shared.update({"pos": pos, "cos": rotary[0], "sin": rotary[1]})
+    batched, shared = {}, {}
+    for k, m in masks.items():
+        (batched if padding is not None else shared)[f"mask.{k}"] = m
+    per_sample = "position_ids" in kw  # captured positions are per sample; the default arange is shared
+    if per_sample:
+        pos = pos.expand(emb.shape[0], -1)
+        rotary = base.rotary_emb(emb, position_ids=pos)
+    (batched if per_sample else shared).update({"pos": pos, "cos": rotary[0], "sin": rotary[1]})
     return (emb,), Cond(batched, shared)
 
 
@@ -256,11 +261,19 @@ DECODER = Adapter(streams=("h",), embed=_lm_embed, head=_lm_head, get_blocks=_lm
 CONFIG_KEYS = {"SD3Transformer2DModel": _sd3_config, "FluxTransformer2DModel": _flux_config,
                "QwenImageTransformer2DModel": _qwen_config}
 SUPPORTED = "diffusers SD3Transformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel; " \
-            "transformers *ForCausalLM decoders with model.model.layers (Llama, Qwen2, Qwen3, Mistral)"
+            "transformers LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM (no sliding window)"
+
+
+DECODER_TYPES = ("llama", "qwen2", "qwen3", "mistral")  # forward = embed, layers, norm, lm_head: nothing else
 
 
 def is_decoder(model: nn.Module) -> bool:
     inner = getattr(model, "model", None)
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in DECODER_TYPES:
+        return False  # Gemma scales embeddings, Cohere / Granite scale logits, ...: a forward this adapter misses
+    if config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None:
+        return False  # every layer uses the sliding-window mask, without layer_types
     return (hasattr(model, "lm_head") and inner is not None and isinstance(getattr(inner, "layers", None), nn.ModuleList)
             and hasattr(inner, "rotary_emb") and hasattr(inner, "embed_tokens"))
 
@@ -453,8 +466,11 @@ def check_folder(path: Path | str, subfolder: str | None = None) -> str:
             raise ParamsError(f"{folder}: {name or 'this diffusers model'} has no PPCL adapter; supported: {SUPPORTED}")
         return name
     archs = cfg.get("architectures") or []
-    if not any(a.endswith("ForCausalLM") for a in archs):
-        raise ParamsError(f"{folder}: {', '.join(archs) or cfg.get('model_type')} is not a causal language model; "
+    if not any(a.endswith("ForCausalLM") for a in archs) or cfg.get("model_type") not in DECODER_TYPES:
+        raise ParamsError(f"{folder}: {', '.join(archs) or cfg.get('model_type')} (model_type "
+                          f"{cfg.get('model_type')!r}) has no PPCL adapter; supported: {SUPPORTED}")
+    if cfg.get("model_type") == "mistral" and cfg.get("sliding_window") is not None:
+        raise ParamsError(f"{folder}: Mistral with a sliding window (every layer windowed) has no PPCL adapter yet; "
                           f"supported: {SUPPORTED}")
     return archs[0]
 

@@ -232,7 +232,8 @@ def test_bad_params_and_data_stop_the_run_before_any_work(tmp_path, monkeypatch,
     write_params(root, patch)
     if setup:
         setup(root)
-    result, before, elapsed = invoke(root, monkeypatch, "run", "pqd", "--root", str(root))
+    recipe = "ppcl" if case.startswith("ppcl") else "pqd"
+    result, before, elapsed = invoke(root, monkeypatch, "run", recipe, "--root", str(root))
     assert_rejected(root, result, before, elapsed, needles)
     assert not (root / ".prefect").exists() and not (root / "mlflow.db").exists()
 

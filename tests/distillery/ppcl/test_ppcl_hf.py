@@ -156,3 +156,40 @@ def test_inputs_from_a_users_function_and_its_errors(tmp_path, monkeypatch):
         load_inputs("my_inputs.py:broken")
     with pytest.raises(ParamsError, match="ppcl_teacher.inputs.*no 'calibraton'.*did you mean calibration"):
         load_inputs("my_inputs.py:calibraton")
+
+
+@pytest.mark.parametrize("kind", hf_tiny.LLMS)
+def test_padded_llm_inputs_reproduce_the_forward_across_chunks(kind):
+    """A padding mask in some batches only, position ids given per call: every chunk of the trace gets the
+    same kind of condition, and the adapter still matches the model (padding positions aside)."""
+    model = hf_tiny.build(kind)
+    calls = []
+    for i in range(3):
+        kw = hf_tiny.inputs(kind, n=4, seed=i)
+        kw["attention_mask"] = torch.ones_like(kw["input_ids"])
+        if i == 2:
+            kw["attention_mask"][:2, :3] = 0  # left padding in the last call only
+        kw["position_ids"] = torch.arange(12)[None]  # one row for the whole batch
+        calls.append(kw)
+    inputs = ModelInputs.cat([split_call(c) for c in calls])
+    assert inputs.batched["position_ids"].shape == (12, 12)
+    got = trace(model, adapter_for(model), inputs, batch_size=4).output
+    with torch.no_grad():
+        want = torch.cat([forward_output(model, c) for c in calls])
+    real = torch.cat([c["attention_mask"] for c in calls]).bool()
+    assert torch.allclose(got[real], want[real], atol=1e-5)
+
+
+def test_captured_half_precision_and_batch_wide_values_become_float32_per_sample_inputs():
+    model = hf_tiny.build("qwen_image")
+    kw = hf_tiny.inputs("qwen_image", n=4)
+    call = {**kw, "hidden_states": kw["hidden_states"].half(), "timestep": kw["timestep"][:1]}  # one timestep
+    del call["encoder_hidden_states_mask"]  # the pipeline drops an all-ones mask...
+    got = ModelInputs.cat([split_call(call), split_call(kw)])  # ... another call passes it
+    assert got.batched["hidden_states"].dtype == torch.float32
+    assert got.batched["timestep"].shape == (8,) and torch.equal(got.batched["timestep"][:4],
+                                                                  kw["timestep"][:1].expand(4))
+    assert got.batched["encoder_hidden_states_mask"][:4].eq(1).all()
+    with torch.no_grad():
+        out = forward_output(model, got.take(slice(0, 4)).kwargs())
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()

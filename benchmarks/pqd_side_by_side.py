@@ -2,7 +2,9 @@
 
 1. the FP32 teacher (`models/teacher.fp32.onnx`),
 2. the teacher through ONNX Runtime's `quantize_static` with its defaults (what one does by hand),
-3. our PTQ (ORT static, QDQ, per-channel INT8 weights, UINT8 activations, seeded calibration),
+3. the peers configured as their docs recommend, on the same seeded calibration subset: ORT static QDQ
+   after `quant_pre_process`, per-channel INT8 weights, INT8 (S8S8) or UINT8 (U8S8, = our PTQ)
+   activations; NNCF's `nncf.quantize` on the ONNX model,
 4. our P->Q->D with unstructured pruning,
 5. our P->Q->D with structured (channel) pruning,
 
@@ -24,7 +26,7 @@ import pandas as pd
 import torch
 
 from distillery.compress.chain import ChainConfig, run_order
-from distillery.compress.ptq import quantize_ort_defaults, quantize_ptq
+from distillery.compress.ptq import quantize_nncf, quantize_ort_defaults, quantize_ptq
 from distillery.compress.qat import export_int8_onnx
 from distillery.core.params import load_section
 from distillery.data import calibration_subset, input_shape, load_prepared
@@ -67,7 +69,10 @@ def main() -> None:
     paths = {
         "fp32 teacher": TEACHER_ONNX,
         "ORT quantize_static defaults": quantize_ort_defaults(TEACHER_ONNX, WORK / "ort_defaults.onnx", calib_x),
-        "our PTQ (per-channel, u8 act)": quantize_ptq(TEACHER_ONNX, WORK / "ptq.onnx", calib_x),
+        "ORT static S8S8 (pre-processed, per-channel)": quantize_ptq(TEACHER_ONNX, WORK / "ort_s8s8.onnx", calib_x,
+                                                                     activations="s8"),
+        "ORT static U8S8 (pre-processed, per-channel) = our PTQ": quantize_ptq(TEACHER_ONNX, WORK / "ptq.onnx", calib_x),
+        "NNCF nncf.quantize (ONNX)": quantize_nncf(TEACHER_ONNX, WORK / "nncf.onnx", calib_x),
         "our P->Q->D unstructured": build_pqd("unstructured", teacher, meta, train, val, calib_x),
         "our P->Q->D structured": build_pqd("structured", teacher, meta, train, val, calib_x),
     }

@@ -1,8 +1,9 @@
 """Post-training static quantization with ONNX Runtime's own tool, as baselines beside QAT.
 
-`quantize_ptq` is the configuration this CPU runs fast (QDQ, INT8 per-channel weights, UINT8
-activations, after ORT's pre-processing); `quantize_ort_defaults` is `quantize_static` as a user
-would call it by hand (its defaults: per-tensor weights, INT8 activations), for comparison.
+`quantize_ptq` is ORT's recommended configuration (QDQ, INT8 per-channel weights, UINT8 or INT8
+activations, after ORT's pre-processing); `quantize_nncf` is NNCF's `nncf.quantize` on the ONNX model;
+`quantize_ort_defaults` is `quantize_static` as a user would call it by hand (its defaults: per-tensor
+weights, INT8 activations), for comparison.
 """
 from __future__ import annotations
 
@@ -43,16 +44,34 @@ def _reader(fp32_onnx: Path | str, calib_x: np.ndarray) -> _ArrayReader:
     return _ArrayReader(inp.name, calib_x, batch)
 
 
-def quantize_ptq(fp32_onnx: Path | str, out_path: Path | str, calib_x: np.ndarray, per_channel: bool = True) -> Path:
-    """Static QDQ quantization: INT8 weights (per channel), UINT8 activations, MinMax on `calib_x`.
+def quantize_ptq(fp32_onnx: Path | str, out_path: Path | str, calib_x: np.ndarray, per_channel: bool = True,
+                 activations: str = "u8") -> Path:
+    """Static QDQ quantization as ONNX Runtime's docs recommend for x86: `quant_pre_process` first, INT8
+    weights (per channel), UINT8 (`u8`, "U8S8") or INT8 (`s8`, "S8S8") activations, MinMax on `calib_x`.
 
     Written to a temporary file and renamed onto `out_path`, like every artifact.
     """
+    if activations not in ("u8", "s8"):
+        raise ValueError(f"activations {activations!r}: u8 or s8")
+    act = QuantType.QUInt8 if activations == "u8" else QuantType.QInt8
     with tempfile.TemporaryDirectory() as tmp, atomic_path(out_path) as out:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_onnx), str(pre), skip_symbolic_shape=True)  # folds BN, infers shapes
         quantize_static(str(pre), str(out), _reader(pre, calib_x), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        per_channel=per_channel, activation_type=act, weight_type=QuantType.QInt8)
+    return Path(out_path)
+
+
+def quantize_nncf(fp32_onnx: Path | str, out_path: Path | str, calib_x: np.ndarray) -> Path:
+    """NNCF's post-training quantization of the ONNX model (`nncf.quantize` with its defaults: its own
+    min-max / bias correction, its CPU preset), calibrated on all of `calib_x`."""
+    import nncf
+    model = onnx.load(str(fp32_onnx))
+    reader = _reader(fp32_onnx, calib_x)
+    batches = [b for b in iter(reader.get_next, None)]
+    quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
+    with atomic_path(out_path) as out:
+        onnx.save(quantized, str(out))
     return Path(out_path)
 
 

@@ -67,3 +67,22 @@ def test_quantize_ort_defaults_uses_int8_activations(fp32, tmp_path):
 def test_too_few_calibration_samples_is_an_error(fp32, tmp_path):
     with pytest.raises(ValueError, match="calibration"):
         ptq.quantize_ptq(fp32, tmp_path / "x.onnx", np.zeros((0, 1, 8, 8), np.float32))
+
+
+def test_ort_s8s8_and_nncf_peers_quantize_with_int8_activations_and_keep_the_outputs(fp32, tmp_path):
+    """The peers a user would pick: ORT's S8S8 form (INT8 activations after pre-processing) and NNCF's
+    `nncf.quantize` (its own activation types); both hold INT8 weights and stay close to the FP32 model."""
+    rng = np.random.default_rng(0)
+    calib = rng.random((32, 1, 8, 8), dtype=np.float32)
+    x = calib[:1]
+    want = run_onnx(fp32, x)
+    for name, make in (("s8s8", lambda p: ptq.quantize_ptq(fp32, p, calib, activations="s8")),
+                       ("nncf", lambda p: ptq.quantize_nncf(fp32, p, calib))):
+        out = make(tmp_path / f"{name}.onnx")
+        if name == "s8s8":
+            assert _zero_point_types(out) == {"INT8"}
+        assert int8_initializers(out), name
+        got = run_onnx(out, x)
+        assert np.abs(got - want).max() < 0.25 * np.abs(want).max() + 1e-3, name
+    with pytest.raises(ValueError, match="u8 or s8"):
+        ptq.quantize_ptq(fp32, tmp_path / "bad.onnx", calib, activations="fp8")

@@ -1,0 +1,83 @@
+"""Where the time goes: ONNX Runtime's profiler per operator kind for the FP32 teacher, the deployed
+P->Q->D student and (when `benchmarks.pqd_side_by_side` has built them) the PTQ peers, with the share of
+MACs in INT8 and the effective INT8 rate against this CPU's peak (`distillery.profiling.int8_peak_ops`).
+
+    python -m benchmarks.where_time_goes            # after `make run`; under a minute
+
+Writes benchmarks/results/where_time_goes.md and .json; prints the table and the CPU line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from distillery.data import load_prepared
+from distillery.latency import cpu_info
+from distillery.onnx_export import onnx_stats
+from distillery.profiling import cpu_clock_ghz, int8_peak_ops, kind_shares, op_profile
+from tasks.paths import DEPLOYED, PREPARED
+
+RESULTS = Path("benchmarks/results")
+FP32_MAC_OPS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "NchwcConv"}
+WORK = Path("benchmarks/work")
+MODELS = {"fp32 teacher": DEPLOYED["teacher"], "P->Q->D student (deployed)": DEPLOYED["distilled"],
+          "ORT static U8S8 (= our PTQ)": WORK / "ptq.onnx", "ORT static S8S8": WORK / "ort_s8s8.onnx",
+          "NNCF nncf.quantize": WORK / "nncf.onnx"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    missing = [str(p) for p in (DEPLOYED["teacher"], DEPLOYED["distilled"]) if not p.exists()]
+    if missing:
+        raise SystemExit(f"{', '.join(missing)} missing: run `make run` first")
+    _, _, _, (x_test, _) = load_prepared(PREPARED)
+    cpu = cpu_info()
+    peak = int8_peak_ops(cpu, args.threads or cpu["cpu_cores"], cpu_clock_ghz())
+    rows, top = [], {}
+    for name, path in MODELS.items():
+        if not path.exists():
+            continue
+        prof = op_profile(path, x_test[:1], threads=args.threads, runs=args.runs)
+        shares, stats = kind_shares(prof), onnx_stats(path)
+        int8_us = sum(r["us_per_run"] for r in prof if r["kind"] == "int8")
+        # the graph's INT8 MACs all run in INT8 kernels only when no MAC op runs in FP32 (ORT leaves a QDQ
+        # Conv it cannot fuse as DequantizeLinear + FP32 Conv): otherwise the rate would be made up
+        fp32_macs_ops = [r["op_type"] for r in prof if r["kind"] == "fp32" and r["op_type"] in FP32_MAC_OPS]
+        rate = 2 * stats["int8_macs"] / (int8_us * 1e-6) if int8_us and not fp32_macs_ops else None
+        rows.append({"model": name, "kernel_us": sum(r["us_per_run"] for r in prof),
+                     "int8_pct": 100 * shares["int8"], "fp32_pct": 100 * shares["fp32"],
+                     "quant_dequant_pct": 100 * shares["quant"], "layout_pct": 100 * shares["layout"],
+                     "int8_macs_pct": 100 * stats["int8_mac_share"],
+                     "int8_gops": None if rate is None else rate / 1e9,
+                     "pct_of_vnni_peak": None if rate is None or not peak["vnni_ops"] else 100 * rate / peak["vnni_ops"]})
+        top[name] = prof[:5]
+    df = pd.DataFrame(rows)
+    cpu_line = (f"{cpu['cpu_model']}, {cpu['cpu_cores']} cores, AVX-512 VNNI {cpu['avx512_vnni']}, AMX-INT8 "
+                f"{cpu['amx_int8']}, ONNX Runtime {cpu['onnxruntime_version']}; {args.threads or cpu['cpu_cores']} "
+                f"thread(s), batch 1; clock {peak['ghz'] or 0:.2f} GHz (/proc/cpuinfo), VNNI peak "
+                f"{(peak['vnni_ops'] or 0) / 1e9:.0f} GOPS for these threads")
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(f"CPU: {cpu_line}")
+    lines = [f"| {name} | " + ", ".join(f"{r['op_type']} {r['us_per_run']:.0f} us ({100 * r['share']:.0f} %)"
+                                      for r in rows_) + " |" for name, rows_ in top.items()]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "where_time_goes.json").write_text(json.dumps({"rows": rows, "top_ops": top, "cpu": cpu, "peak": peak,
+                                                               "runs": args.runs, "threads": args.threads}, indent=2) + "\n")
+    (RESULTS / "where_time_goes.md").write_text(
+        "# Where the time goes\n\n" + df.to_markdown(index=False, floatfmt=".2f")
+        + "\n\nKernel time per run from ONNX Runtime's profiler, by kind: int8 kernels (QLinearConv, QGemm, ...), "
+          "fp32 kernels, Quantize/DequantizeLinear, layout reorders. int8_macs_pct: MACs whose inputs are INT8 in "
+          "the graph; int8_gops = 2 x those MACs / INT8 kernel time, left empty where ORT runs some MAC op in FP32 "
+          "(a QDQ node it does not fuse) and the rate would be made up. Peak: see distillery.profiling.int8_peak_ops."
+          "\n\n"
+          "| model | top operators per run |\n|---|---|\n" + "\n".join(lines) + f"\n\nCPU: {cpu_line}.\n")
+
+
+if __name__ == "__main__":
+    main()

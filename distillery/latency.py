@@ -59,10 +59,11 @@ def summarise(times_s: list[float]) -> dict:
 
 
 def time_models(paths: dict[str, Path | str], sample: np.ndarray, threads: int, warmup: int, runs: int,
-                rounds: int = 5) -> dict[str, dict]:
-    """Batch-1 latency of every model at `threads`, interleaved in `rounds` within this process."""
+                rounds: int = 5, batch: int = 1) -> dict[str, dict]:
+    """Latency of one batch of `batch` (default 1) for every model at `threads`, interleaved in `rounds`
+    within this process."""
     sessions = {name: session(p, threads) for name, p in paths.items()}
-    feeds = {name: {s.get_inputs()[0].name: sample[:1]} for name, s in sessions.items()}
+    feeds = {name: {s.get_inputs()[0].name: sample[:batch]} for name, s in sessions.items()}
     for name, s in sessions.items():
         for _ in range(warmup):
             s.run(None, feeds[name])

@@ -7,6 +7,7 @@ weights, INT8 activations), for comparison.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -64,7 +65,11 @@ def quantize_ptq(fp32_onnx: Path | str, out_path: Path | str, calib_x: np.ndarra
 
 def quantize_nncf(fp32_onnx: Path | str, out_path: Path | str, calib_x: np.ndarray) -> Path:
     """NNCF's post-training quantization of the ONNX model (`nncf.quantize` with its defaults: its own
-    min-max / bias correction, its CPU preset), calibrated on all of `calib_x`."""
+    min-max / bias correction, its CPU preset), calibrated on all of `calib_x`. NNCF's telemetry
+    (openvino-telemetry, on unless a consent file says otherwise) sends nothing with `NNCF_CI` set, the only
+    switch NNCF reads, set here before the import (openvino-telemetry still writes a client-id file under
+    ~/intel when it loads)."""
+    os.environ.setdefault("NNCF_CI", "1")
     import nncf
     model = onnx.load(str(fp32_onnx))
     reader = _reader(fp32_onnx, calib_x)

@@ -56,6 +56,17 @@ def save_checkpoint(path: Path | str, model: torch.nn.Module, spec: dict, **extr
         torch.save({"spec": spec, "state_dict": model.state_dict(), **extra}, f)
 
 
+def load_artifact(path: Path | str, what: str, stage: str):
+    """A stage's torch file (`weights_only=True`), with one clear error naming the stage that writes it."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: {what} missing; run the {stage} stage (dvc repro {stage})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ArtifactError(f"{path}: not a readable {what} file ({type(err).__name__}); re-run {stage}") from None
+
+
 def load_checkpoint(path: Path | str) -> dict:
     """Load a checkpoint with `weights_only=True`: tensors and plain containers, never code."""
     path = Path(path)

@@ -210,9 +210,9 @@ def _lm_embed(model, inputs):
     kw = _kw(inputs)
     base = model.model
     emb = base.embed_tokens(kw["input_ids"]) if "inputs_embeds" not in kw else kw["inputs_embeds"]
-    pos = kw.get("position_ids")
-    if pos is None:
-        pos = torch.arange(emb.shape[1], device=emb.device)[None]
+    per_sample = "position_ids" in kw  # captured positions are per sample; the default arange is shared
+    pos = kw["position_ids"].expand(emb.shape[0], -1) if per_sample else \
+        torch.arange(emb.shape[1], device=emb.device)[None]
     padding = kw.get("attention_mask")
     # with a padding mask every chunk gets a real (batch, 1, T, T) mask (sdpa would skip an all-ones chunk's,
     # and chunks must agree); without one the mask is None everywhere and attention is causal
@@ -225,10 +225,6 @@ def _lm_embed(model, inputs):
     batched, shared = {}, {}
     for k, m in masks.items():
         (batched if padding is not None else shared)[f"mask.{k}"] = m
-    per_sample = "position_ids" in kw  # captured positions are per sample; the default arange is shared
-    if per_sample:
-        pos = pos.expand(emb.shape[0], -1)
-        rotary = base.rotary_emb(emb, position_ids=pos)
     (batched if per_sample else shared).update({"pos": pos, "cos": rotary[0], "sin": rotary[1]})
     return (emb,), Cond(batched, shared)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from distillery.core.artifacts import atomic_path, write_json
+from distillery.core.artifacts import atomic_path, load_artifact, write_json
 from distillery.core.errors import ArtifactError
 from distillery.ppcl.capture import ModelInputs
 
@@ -58,11 +58,6 @@ def save_inputs_file(path: Path, calibration: ModelInputs, heldout: ModelInputs,
 
 def load_inputs_file(path: Path) -> tuple[ModelInputs, ModelInputs, dict]:
     """(calibration, held-out, info) of the ppcl_teacher stage's inputs file."""
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: missing; run the ppcl_teacher stage (dvc repro ppcl_teacher)") from None
-    except Exception as err:
-        raise ArtifactError(f"{path}: not a readable inputs file ({type(err).__name__}); re-run ppcl_teacher") from None
+    raw = load_artifact(path, "inputs", "ppcl_teacher")
     return (ModelInputs(raw["calibration"]["batched"], raw["calibration"]["static"]),
             ModelInputs(raw["heldout"]["batched"], raw["heldout"]["static"]), raw["info"])

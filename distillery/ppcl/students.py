@@ -9,8 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from distillery.core.artifacts import atomic_path
-from distillery.core.errors import ArtifactError
+from distillery.core.artifacts import atomic_path, load_artifact
 from distillery.ppcl.adapter import Trace
 from distillery.ppcl.depth import distill_interval, distill_sequential, load_student
 
@@ -39,22 +38,11 @@ def load_students(folder: Path, teacher: nn.Module, adapter, intervals) -> dict[
 
 
 def load_student_file(path: Path) -> dict:
-    if not path.exists():
-        raise ArtifactError(f"{path}: student missing; run the depth_distill stage (dvc repro depth_distill)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ArtifactError(f"{path}: not a readable student file ({type(err).__name__}); re-run depth_distill") from None
+    return load_artifact(path, "student", "depth_distill")
 
 
 def load_probe_file(path: Path) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: missing; run the probe stage (dvc repro probe)") from None
-    except Exception as err:
-        raise ArtifactError(f"{path}: not a readable probe file ({type(err).__name__}); re-run probe") from None
-    return ckpt
+    return load_artifact(path, "probe", "probe")
 
 
 def distill_worker(job: dict) -> dict:

@@ -61,3 +61,27 @@ def test_truncated_checkpoint_is_a_clear_error_naming_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ArtifactError, match="m.pt.*truncated or corrupt"):
         load_checkpoint(path)
+
+
+def test_the_export_takes_any_batch(toy_onnx):
+    _, path = toy_onnx
+    assert not isinstance(load_session(path, 1).get_inputs()[0].shape[0], int)  # a symbolic "batch"
+    assert onnx_stats(path)["macs"] > 0  # counted at batch 1
+
+
+class FixedBatch(torch.nn.Module):
+    """A user's model whose code fixes its batch: `view(1, -1)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(1, 4, 3), torch.nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).view(1, -1))
+
+
+def test_a_model_that_fixes_its_batch_still_exports_with_that_batch_and_says_so(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = export_fp32_onnx(FixedBatch().eval(), (torch.randn(1, 1, 8, 8),), tmp_path / "fixed.onnx")
+    assert load_session(path, 1).get_inputs()[0].shape[0] == 1
+    assert "takes batches of 1 only" in capsys.readouterr().out

@@ -1,5 +1,5 @@
 """How cost grows with the work: the FP32 teacher, the fastest PTQ peer (ONNX Runtime static U8S8 after
-`quant_pre_process`, per-channel; see benchmarks/results/pqd_side_by_side.md) and our deployed P->Q->D
+`quant_pre_process`, per-channel; the fastest peer in reports/pqd.md) and our deployed P->Q->D
 student, exported at input sizes 16, 32, 64 and 128 px and batches 1, 8 and 32, timed in ONE process with
 ONNX Runtime at one thread (and all cores with --all-cores).
 

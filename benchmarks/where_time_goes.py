@@ -1,6 +1,7 @@
 """Where the time goes: ONNX Runtime's profiler per operator kind for the FP32 teacher, the deployed
-P->Q->D student and (when `benchmarks.pqd_side_by_side` has built them) the PTQ peers, with the share of
-MACs in INT8 and the effective INT8 rate against this CPU's peak (`distillery.profiling.int8_peak_ops`).
+P->Q->D student, the counterpart student and the PTQ peers of the `baselines` stage, with the share of
+MACs in INT8 and the effective INT8 rate against this CPU's peak (`distillery.profiling.time_breakdown`; the
+PQD report's "Where the time goes" table is the same measurement for the teacher and the deployed student).
 
     python -m benchmarks.where_time_goes            # after `make run`; under a minute
 
@@ -16,16 +17,11 @@ import pandas as pd
 
 from distillery.data import load_prepared
 from distillery.latency import cpu_info
-from distillery.onnx_export import onnx_stats
-from distillery.profiling import cpu_clock_ghz, int8_peak_ops, kind_shares, op_profile
-from tasks.paths import DEPLOYED, PREPARED
+from distillery.profiling import cpu_clock_ghz, int8_peak_ops, time_breakdown
+from tasks.paths import DEPLOYED, PREPARED, compared_models
 
 RESULTS = Path("benchmarks/results")
-FP32_MAC_OPS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "NchwcConv"}
-WORK = Path("benchmarks/work")
-MODELS = {"fp32 teacher": DEPLOYED["teacher"], "P->Q->D student (deployed)": DEPLOYED["distilled"],
-          "ORT static U8S8 (= our PTQ)": WORK / "ptq.onnx", "ORT static S8S8": WORK / "ort_s8s8.onnx",
-          "NNCF nncf.quantize": WORK / "nncf.onnx"}
+SKIP = ("pruned", "quantized")  # the recipe's intermediate steps: the teacher, students and peers are what matter
 
 
 def main() -> None:
@@ -40,23 +36,14 @@ def main() -> None:
     cpu = cpu_info()
     peak = int8_peak_ops(cpu, args.threads or cpu["cpu_cores"], cpu_clock_ghz())
     rows, top = [], {}
-    for name, path in MODELS.items():
+    for name, path in compared_models().items():
+        if name in SKIP:
+            continue
         if not path.exists():
             continue
-        prof = op_profile(path, x_test[:1], threads=args.threads, runs=args.runs)
-        shares, stats = kind_shares(prof), onnx_stats(path)
-        int8_us = sum(r["us_per_run"] for r in prof if r["kind"] == "int8")
-        # the graph's INT8 MACs all run in INT8 kernels only when no MAC op runs in FP32 (ORT leaves a QDQ
-        # Conv it cannot fuse as DequantizeLinear + FP32 Conv): otherwise the rate would be made up
-        fp32_macs_ops = [r["op_type"] for r in prof if r["kind"] == "fp32" and r["op_type"] in FP32_MAC_OPS]
-        rate = 2 * stats["int8_macs"] / (int8_us * 1e-6) if int8_us and not fp32_macs_ops else None
-        rows.append({"model": name, "kernel_us": sum(r["us_per_run"] for r in prof),
-                     "int8_pct": 100 * shares["int8"], "fp32_pct": 100 * shares["fp32"],
-                     "quant_dequant_pct": 100 * shares["quant"], "layout_pct": 100 * shares["layout"],
-                     "int8_macs_pct": 100 * stats["int8_mac_share"],
-                     "int8_gops": None if rate is None else rate / 1e9,
-                     "pct_of_vnni_peak": None if rate is None or not peak["vnni_ops"] else 100 * rate / peak["vnni_ops"]})
-        top[name] = prof[:5]
+        r = time_breakdown(path, x_test[:1], args.threads or cpu["cpu_cores"], args.runs, peak)
+        top[name] = r.pop("top_ops")
+        rows.append({"model": name, **r})
     df = pd.DataFrame(rows)
     cpu_line = (f"{cpu['cpu_model']}, {cpu['cpu_cores']} cores, AVX-512 VNNI {cpu['avx512_vnni']}, AMX-INT8 "
                 f"{cpu['amx_int8']}, ONNX Runtime {cpu['onnxruntime_version']}; {args.threads or cpu['cpu_cores']} "

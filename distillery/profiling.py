@@ -107,3 +107,29 @@ def int8_peak_ops(flags: dict, cores: int, ghz: float | None) -> dict:
     per_cycle = 256 if flags.get("avx512_vnni") else 128 if (flags.get("avx_vnni") or flags.get("avx2")) else 32
     return {"ghz": ghz, "vnni_ops": per_cycle * cores * ghz * 1e9,
             "amx_ops": 2048 * cores * ghz * 1e9 if flags.get("amx_int8") else None}
+
+
+FP32_MAC_OPS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "NchwcConv"}
+
+
+def time_breakdown(path: Path | str, sample: np.ndarray, threads: int, runs: int, peak: dict, top: int = 5) -> dict:
+    """Where one model's time goes, for the report: kernel time per run, its shares by kind (INT8, FP32,
+    Quantize/Dequantize, layout), the share of MACs in INT8 (`onnx_stats`), and the effective INT8 rate
+    (2 x INT8 MACs / INT8 kernel time) against `peak["vnni_ops"]` (`int8_peak_ops`).
+
+    The rate is left out (None) where ORT runs some MAC operator in FP32 beside INT8 ones (a QDQ node it
+    does not fuse runs as DequantizeLinear + FP32 Conv): the graph's INT8 MACs would then not all be in
+    the INT8 kernels' time and the rate would be made up.
+    """
+    from distillery.onnx_export import onnx_stats
+    prof = op_profile(path, sample, threads=threads, runs=runs)
+    shares, stats = kind_shares(prof), onnx_stats(path)
+    int8_us = sum(r["us_per_run"] for r in prof if r["kind"] == "int8")
+    fp32_mac_ops = [r["op_type"] for r in prof if r["kind"] == "fp32" and r["op_type"] in FP32_MAC_OPS]
+    rate = 2 * stats["int8_macs"] / (int8_us * 1e-6) if int8_us and not fp32_mac_ops else None
+    vnni = peak.get("vnni_ops")
+    return {"kernel_us": sum(r["us_per_run"] for r in prof), "int8_pct": 100 * shares["int8"],
+            "fp32_pct": 100 * shares["fp32"], "quant_dequant_pct": 100 * shares["quant"],
+            "layout_pct": 100 * shares["layout"], "int8_macs_pct": 100 * stats["int8_mac_share"],
+            "int8_gops": None if rate is None else rate / 1e9,
+            "pct_of_vnni_peak": None if rate is None or not vnni else 100 * rate / vnni, "top_ops": prof[:top]}

@@ -1,4 +1,5 @@
-"""Stage `evaluate`: accuracy of every deployed ONNX model through ONNX Runtime on the test split."""
+"""Stage `evaluate`: accuracy through ONNX Runtime on the test split of every model the PQD report compares:
+the recipe's steps, the counterpart student and the peers (`tasks.paths.compared_models`)."""
 from __future__ import annotations
 
 from distillery.core import tracking
@@ -7,7 +8,7 @@ from distillery.core.errors import run_stage
 from distillery.core.params import load_section
 from distillery.data import load_split
 from distillery.onnx_export import onnx_accuracy
-from tasks.paths import DEPLOYED, PREPARED, metrics
+from tasks.paths import PREPARED, compared_models, metrics
 
 
 def main() -> None:
@@ -15,7 +16,7 @@ def main() -> None:
     x, y = load_split(PREPARED, "test")
     with tracking.stage_run("evaluate", cfg.model_dump()):
         results = {name: {"accuracy": onnx_accuracy(path, x, y, cfg.batch_size), "n": int(len(y))}
-                   for name, path in DEPLOYED.items()}
+                   for name, path in compared_models().items()}
         write_json(metrics("evaluate"), results)
         tracking.log_metrics({f"{name}.accuracy": r["accuracy"] for name, r in results.items()})
         for name, r in results.items():

@@ -20,6 +20,8 @@ DEPLOYED = {  # step of the PQD recipe -> its deployed ONNX file (stage export),
     "quantized": Path("models/pqd/quantized.int8.onnx"),
     "distilled": Path("models/pqd/student.int8.onnx"),
 }
+COUNTERPART = Path("models/pqd/counterpart")  # <method>.int8.onnx: P->Q->D with the other prune.method (stage counterpart)
+BASELINES = Path("models/baselines")  # <peer>.int8.onnx: the teacher quantized by each PTQ peer (stage baselines)
 PQD_REPORT = Path("reports/pqd")  # .md and .csv
 PQD_TRADEOFF = Path("reports/pqd_tradeoff.png")  # accuracy against latency
 
@@ -48,6 +50,22 @@ METRICS = Path("metrics")  # <stage>.json
 def metrics(stage: str) -> Path:
     """The metrics file of a stage (DVC metrics, cache: false)."""
     return METRICS / f"{stage}.json"
+
+
+def baseline_model(peer: str) -> Path:
+    return BASELINES / f"{peer}.int8.onnx"
+
+
+def counterpart_model(method: str) -> Path:
+    return COUNTERPART / f"{method}.int8.onnx"
+
+
+def compared_models() -> dict[str, Path]:
+    """Every model the PQD report compares, name -> ONNX: the recipe's steps, then the P->Q->D student with the
+    other pruning method (`distilled_<method>`), then each peer that produced a model (`<peer>`), as found on disk."""
+    models = dict(DEPLOYED)
+    models |= {f"distilled_{p.name.split('.')[0]}": p for p in sorted(COUNTERPART.glob("*.int8.onnx"))}
+    return models | {p.name.split(".")[0]: p for p in sorted(BASELINES.glob("*.int8.onnx"))}
 
 
 def ablation_model(order: str, seed: int) -> Path:

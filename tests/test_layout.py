@@ -99,9 +99,9 @@ def test_every_module_a_stage_imports_is_one_of_its_deps_and_no_code_dep_is_stal
     assert not problems, "dvc.yaml code deps are wrong:\n" + "\n".join(problems)
 
 
-def test_kd_code_is_a_dep_of_distill_and_the_ablation_only():
+def test_kd_code_is_a_dep_of_the_stages_that_distill_only():
     users = {name for name, st in stages().items() if covered("distillery/compress/kd.py", st["deps"])}
-    assert users == {"distill", "ablation"}
+    assert users == {"distill", "ablation", "counterpart"}
 
 
 def test_layers_import_only_downwards_and_stages_never_import_stages():
@@ -193,7 +193,8 @@ def test_editing_a_kd_module_makes_dvc_report_distill_and_descendants_only(tmp_p
             path.mkdir(parents=True, exist_ok=True)
             (path / "f").write_text("x\n")
     (project / "data/prepared").mkdir(parents=True, exist_ok=True)
-    (project / "data/prepared/test.npz").write_text("x\n")
+    for split in ("train", "test"):
+        (project / f"data/prepared/{split}.npz").write_text("x\n")
     (project / "data/prepared/meta.json").write_text("{}\n")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["ablation"]["orders"] = {"pqd": {}}
@@ -208,7 +209,7 @@ def test_editing_a_kd_module_makes_dvc_report_distill_and_descendants_only(tmp_p
         f.write("# an edit\n")
     changed = {line.rstrip(":").strip() for line in dvc("status").splitlines()
                if line and not line.startswith(("\t", " ")) and line.rstrip().endswith(":")}
-    assert changed == {"distill", "ablation@pqd"}  # export and later change when distill's output does
+    assert changed == {"distill", "ablation@pqd", "counterpart"}  # export and later change when distill's output does
 
 
 def test_no_undefined_names_or_unused_imports():

@@ -220,6 +220,32 @@ class BenchmarkConfig(Section):
     warmup: int = Field(ge=0, le=10000, description="untimed ONNX Runtime runs before timing")
     runs: int = Field(ge=10, le=100000, description="timed ONNX Runtime runs per model (batch 1) for the percentiles")
     threads: ThreadCounts = Field(description="1 thread and all cores (0)")
+    batch: int = Field(ge=1, le=4096, description="throughput: images per batch, timed at every thread count")
+    batch_runs: int = Field(ge=1, le=100000, description="timed runs per model at that batch")
+    profile_runs: int = Field(ge=0, le=100000, description="ORT profiler runs for 'where the time goes' (0 = no profile)")
+
+
+PEERS = ("ort_u8s8", "ort_s8s8", "nncf", "olive")  # the post-training quantizers of the baselines stage
+
+
+class BaselinesConfig(Section):
+    """The post-training quantizers a user would pick instead, each applied to the FP32 teacher's ONNX."""
+    peers: dict[str, bool] = Field(description="peer -> true | false: " + ", ".join(PEERS))
+
+    @field_validator("peers")
+    @classmethod
+    def _known(cls, v: dict[str, bool]) -> dict[str, bool]:
+        for name in v:
+            if name not in PEERS:
+                close = difflib.get_close_matches(name, PEERS, n=1)
+                raise ValueError(f"unknown peer {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                                 f"allowed: {', '.join(PEERS)}")
+        return v
+
+
+class CounterpartConfig(Section):
+    enabled: bool = Field(description="also build P->Q->D with the other prune.method (QAT; the prune, quantize and "
+                                      "distill settings) so the report shows unstructured and structured side by side")
 
 
 ABLATION_ORDERS = ("pqd", "pdq", "qpd", "qdp", "dpq", "dqp")  # p = prune, q = quantize (QAT), d = distill
@@ -387,6 +413,8 @@ SECTIONS: dict[str, type[Section]] = {
     "export": ExportConfig,
     "evaluate": EvaluateConfig,
     "benchmark": BenchmarkConfig,
+    "baselines": BaselinesConfig,
+    "counterpart": CounterpartConfig,
     "ablation": AblationConfig,
     "ppcl_teacher": PpclTeacherConfig,
     "probe": PpclProbeConfig,

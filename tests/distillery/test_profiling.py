@@ -6,7 +6,7 @@ import torch
 from distillery.compress.ptq import quantize_ptq
 from distillery.models import build_model
 from distillery.onnx_export import export_fp32_onnx
-from distillery.profiling import int8_peak_ops, kind, kind_shares, op_profile
+from distillery.profiling import int8_peak_ops, kind, kind_shares, op_profile, time_breakdown
 
 
 @pytest.fixture(scope="module")
@@ -37,3 +37,16 @@ def test_int8_peak_from_flags_and_clock():
     assert vnni["vnni_ops"] == 256 * 2 * 2e9 and vnni["amx_ops"] == 2048 * 2 * 2e9
     assert int8_peak_ops({"avx2": True}, cores=1, ghz=1.0)["vnni_ops"] == 128e9
     assert int8_peak_ops({}, cores=1, ghz=None)["vnni_ops"] is None
+
+
+def test_time_breakdown_puts_the_int8_rate_against_the_peak(models):
+    fp32, int8 = models
+    x = np.random.default_rng(1).random((1, 1, 8, 8), dtype=np.float32)
+    peak = int8_peak_ops({"avx512_vnni": True}, cores=1, ghz=2.0)
+    q = time_breakdown(int8, x, threads=1, runs=5, peak=peak)
+    assert q["int8_macs_pct"] == pytest.approx(100.0)
+    assert q["int8_pct"] + q["fp32_pct"] + q["quant_dequant_pct"] + q["layout_pct"] == pytest.approx(100.0)
+    assert q["int8_gops"] > 0 and q["pct_of_vnni_peak"] == pytest.approx(100 * q["int8_gops"] * 1e9 / peak["vnni_ops"])
+    assert q["top_ops"] and q["kernel_us"] > 0
+    f = time_breakdown(fp32, x, threads=1, runs=5, peak=peak)
+    assert f["int8_pct"] == 0 and f["int8_gops"] is None and f["int8_macs_pct"] == 0

@@ -17,8 +17,10 @@ TINY = {
     "prune": {"finetune_epochs": 1},
     "quantize": {"epochs": 1, "freeze_observers_epoch": 1},
     "distill": {"epochs": 1},
-    "benchmark": {"warmup": 2, "runs": 20, "threads": [1]},
+    "benchmark": {"warmup": 2, "runs": 20, "threads": [1], "batch_runs": 3, "profile_runs": 5},
 }
+PQD_ORDER = ["prepare", "train", "prune", "quantize", "distill", "export", "counterpart", "baselines", "evaluate",
+             "benchmark"]
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +66,7 @@ def dvc(root: Path, *args: str) -> str:
 
 def test_first_run_executes_every_stage_and_records_it(project):
     outcome = run(project)
-    assert executed(outcome) == ["prepare", "train", "prune", "quantize", "distill", "export", "evaluate", "benchmark"]
+    assert executed(outcome) == PQD_ORDER
     for path in ("models/teacher.fp32.onnx", "models/pqd/student.int8.onnx", "data/prepared/test.npz", "reports/pqd.md"):
         assert (project / path).exists(), path
     assert "up to date" in dvc(project, "status", "--with-deps", "benchmark")  # the pqd pipeline; ppcl and ablation did not run
@@ -119,12 +121,48 @@ def test_second_run_records_which_stages_were_reused(project):
     assert parent.data.tags["stages.reused"] == ",".join(outcome)
 
 
-PQD_ORDER = ["prepare", "train", "prune", "quantize", "distill", "export", "evaluate", "benchmark"]
+def test_the_report_sets_every_peer_and_both_pruning_methods_beside_the_student(project):
+    """The baselines stage's peers and the counterpart student are timed with the teacher and reported."""
+    import json
+    peers = json.loads((project / "metrics/baselines.json").read_text())
+    assert set(peers["peers"]) == {"ort_u8s8", "ort_s8s8", "nncf", "olive"}
+    assert peers["calibration_sha256"] == json.loads((project / "metrics/quantize.json").read_text())["calibration_sha256"]
+    ok = {n for n, r in peers["peers"].items() if r["status"] == "ok"}
+    assert {"ort_u8s8", "nncf"} <= ok, peers  # the tools a user would pick quantize this toy CNN
+    bench = json.loads((project / "metrics/benchmark.json").read_text())
+    timed = set(bench["models"])
+    assert {"teacher", "distilled", "distilled_structured"} | ok == timed - {"pruned", "quantized"}
+    for name in timed:
+        r = bench["models"][name]
+        assert r["threads_1"]["p90_ms"] >= r["threads_1"]["p50_ms"] > 0
+        assert r["batch32_threads_1"]["images_per_s"] > 0  # every export takes any batch
+    assert bench["profile"]["distilled"]["int8_pct"] > 50 and bench["profile"]["teacher"]["int8_pct"] == 0
+    import pandas as pd
+    table = pd.read_csv(project / "reports/pqd.csv").set_index("model")
+    assert set(table.index) == timed | set(peers["peers"])
+    assert (table.loc[sorted(ok), "kind"] == "peer").all()
+    assert table.loc["distilled_structured", "mmacs"] < table.loc["distilled", "mmacs"]
+    report = (project / "reports/pqd.md").read_text()
+    for needle in ("## Against the post-training peers", "the fastest peer", "## Where the time goes", "VNNI peak"):
+        assert needle in report, needle
+
+
+def test_switching_a_peer_off_reruns_baselines_and_leaves_a_row_saying_so(project):
+    set_params(project, baselines={"peers": {"ort_u8s8": True, "ort_s8s8": False, "nncf": True, "olive": True}})
+    ran = executed(run(project))
+    assert ran == ["baselines", "evaluate", "benchmark"]
+    assert not (project / "models/baselines/ort_s8s8.int8.onnx").exists()
+    import pandas as pd
+    table = pd.read_csv(project / "reports/pqd.csv").set_index("model")
+    assert table.loc["ort_s8s8", "note"] == "off (baselines.peers)" and pd.isna(table.loc["ort_s8s8", "p50_ms_1t"])
 
 
 def test_a_param_change_reruns_that_stage_and_its_descendants_with_plain_dvc_too(project):
     set_params(project, prune={"sparsity": 0.6})
-    assert repro_ran(dvc(project, "repro", "benchmark")) == PQD_ORDER[2:]
+    ran = repro_ran(dvc(project, "repro", "benchmark"))
+    assert ran == [s for s in PQD_ORDER if s in ran]  # in the DAG's order
+    # the teacher's ONNX is re-exported byte for byte, so the peers need not run again
+    assert set(PQD_ORDER[2:]) - {"baselines"} <= set(ran) <= set(PQD_ORDER[2:])
 
 
 def test_a_code_change_reruns_that_stage_and_only_descendants_whose_inputs_changed(project):

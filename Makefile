@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_HOME ?= $(abspath .prefect)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test install install-dev init clean
+.PHONY: run test install install-dev init clean stack stack-down
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,5 +41,13 @@ run: init
 test: install-dev
 	$(BIN)/python -m pytest
 
-clean:
-	rm -rf .distillery .prefect mlflow.db mlartifacts .dvc-remote
+# The team stack on this machine, all on 127.0.0.1 (flows/stack.py): an MLflow server, a Prefect server and a
+# process worker on the project's work pool, state and logs in .stack/. Ports: MLFLOW_PORT=5000 PREFECT_PORT=4200.
+stack: $(VENV)/.installed
+	@$(BIN)/python -m flows.stack up
+
+stack-down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m flows.stack down; fi
+
+clean: stack-down
+	rm -rf .distillery .prefect mlflow.db mlartifacts .dvc-remote .stack

@@ -172,3 +172,35 @@ def onnx_stats(path: Path | str) -> dict:
 def onnx_accuracy(path: Path | str, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
     """Top-1 accuracy in [0, 1] of an ONNX classifier on (x, y), through ONNX Runtime."""
     return float((run_onnx(path, x, batch_size).argmax(1) == y).mean())
+
+
+def pool_as_global_average(path: Path | str) -> int:
+    """Rewrite, in place, each ReduceMean over the two spatial axes of an NCHW tensor (keepdims) as the
+    equivalent GlobalAveragePool; returns how many.
+
+    torch's `x.mean((2, 3), keepdim=True)` and `adaptive_avg_pool2d(x, 1)` export as ReduceMean, which ONNX
+    Runtime runs in FP32 between a DequantizeLinear and a QuantizeLinear; GlobalAveragePool between the same
+    pair it fuses into one QLinearGlobalAveragePool kernel, so an INT8 model's pooling stays in INT8.
+    """
+    import onnx
+    from onnx import helper, numpy_helper, shape_inference
+    model = onnx.load(str(path))
+    graph = model.graph
+    inferred = shape_inference.infer_shapes(model).graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in list(inferred.value_info) + list(inferred.input)}
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    rewritten = 0
+    for index, node in enumerate(list(graph.node)):
+        if node.op_type != "ReduceMean" or len(node.input) != 2 or node.input[1] not in consts:
+            continue
+        keepdims = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+        rank = ranks.get(node.input[0])
+        if keepdims != 1 or rank != 4 or sorted(int(a) % 4 for a in consts[node.input[1]].ravel()) != [2, 3]:
+            continue
+        graph.node.remove(node)
+        graph.node.insert(index, helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output),
+                                                  name=f"{node.name}_global_pool"))
+        rewritten += 1
+    if rewritten:
+        onnx.save(model, str(path))
+    return rewritten

@@ -121,6 +121,7 @@ def profile_table(rows: dict[str, dict]) -> pd.DataFrame:
 
 def plot(df: pd.DataFrame, cpu: str, path: Path) -> None:
     plt = pyplot()
+    from matplotlib.ticker import FormatStrFormatter, FuncFormatter
     latency = next(c for c in df.columns if c.startswith("p50_ms_"))
     df = df[df[latency].notna()]
     speedup = latency.replace("p50_ms", "speedup")
@@ -131,10 +132,16 @@ def plot(df: pd.DataFrame, cpu: str, path: Path) -> None:
     ax.plot(other[latency], other["accuracy_pct"], "D", color="tab:blue", mfc="white", label="ours: other pruning")
     peers = df[df["kind"] == "peer"]
     ax.plot(peers[latency], peers["accuracy_pct"], "s", color="tab:orange", label="post-training peers")
-    for _, r in df.iterrows():
-        ax.annotate(f"{r['model']}\n{r[speedup]:.2f}x", (r[latency], r["accuracy_pct"]),
-                    textcoords="offset points", xytext=(6, -4), fontsize=7)
+    placed: list[tuple[float, float]] = []
+    for _, r in df.sort_values(latency).iterrows():  # models at the same spot get their labels stacked, not overlaid
+        x, y = float(np.log10(r[latency])), float(r["accuracy_pct"])
+        k = sum(abs(x - px) < 0.12 and abs(y - py) < 0.15 for px, py in placed)
+        placed.append((x, y))
+        ax.annotate(f"{r['model']} {r[speedup]:.2f}x", (r[latency], r["accuracy_pct"]), textcoords="offset points",
+                    xytext=(6, -3 - 9 * k), fontsize=7)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
     ax.set_xlabel(f"latency p50, batch 1, {latency.removeprefix('p50_ms_').replace('t', '')} thread(s) [ms, log]")
     ax.set_ylabel("test accuracy [%] (ONNX Runtime)")
     ax.set_title(f"Prune -> Quantize -> Distill against post-training quantizers\n{cpu}", fontsize=9)

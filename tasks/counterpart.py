@@ -34,10 +34,12 @@ def main() -> None:
     shutil.rmtree(COUNTERPART, ignore_errors=True)  # as `dvc repro` would: nothing of an earlier run survives
     COUNTERPART.mkdir(parents=True)
     if not cfg.enabled:
-        write_json(metrics("counterpart"), {"enabled": False})
-        print("counterpart: off (counterpart.enabled: false)")
+        with tracking.stage_run("counterpart", {"enabled": False}, recipe="pqd"):  # recorded as run, like any stage
+            write_json(metrics("counterpart"), {"enabled": False})
+            print("counterpart: off (counterpart.enabled: false)")
         return
-    chain = ChainConfig(method=method, sparsity=prune.sparsity, ratio=prune.ratio, prune_epochs=prune.finetune_epochs,
+    chain = ChainConfig(method=method, sparsity=prune.sparsity, ratio=prune.ratio, round_to=prune.round_to,
+                        prune_epochs=prune.finetune_epochs,
                         qat_epochs=quant.epochs, kd_epochs=kd.epochs, prune_lr=prune.lr, qat_lr=quant.lr, kd_lr=kd.lr,
                         batch_size=quant.batch_size, temperature=kd.temperature, alpha=kd.alpha,
                         freeze_observers_epoch=quant.freeze_observers_epoch)

@@ -28,7 +28,8 @@ def main() -> None:
     with tracking.stage_run("prune", cfg.model_dump(), recipe="pqd"):
         before = model_stats(teacher, example)
         torch.manual_seed(cfg.seed)
-        model, mask = prune(teacher, cfg.method, cfg.sparsity if cfg.method == "unstructured" else cfg.ratio, example)
+        model, mask = prune(teacher, cfg.method, cfg.sparsity if cfg.method == "unstructured" else cfg.ratio, example,
+                            cfg.round_to or None)
         pruned_acc = accuracy(model, *val)
         state_path = resume_file("prune", cfg.model_dump(), str(ckpt["metrics"]))
         if cfg.finetune_epochs:

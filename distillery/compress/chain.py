@@ -40,6 +40,7 @@ class ChainConfig:
     method: Literal["unstructured", "structured"] = "unstructured"
     sparsity: float = 0.5  # unstructured: share of weights zeroed (global magnitude)
     ratio: float = 0.5  # structured: share of each layer's channels removed
+    round_to: int = 0  # structured: each layer keeps a multiple of this many channels (0 = any count)
     prune_epochs: int = 1  # fine-tune after pruning
     qat_epochs: int = 2
     kd_epochs: int = 2
@@ -94,7 +95,8 @@ def _prune_step(model: nn.Module, cfg: ChainConfig, train, val, example: torch.T
                              "fake-quantized graph; put P before Q or use method 'unstructured'")
         model, mask = prune_quantized(model, cfg.sparsity), None  # the masks now live in the layers
     else:
-        model, mask = prune(model, cfg.method, cfg.sparsity if cfg.method == "unstructured" else cfg.ratio, example)
+        model, mask = prune(model, cfg.method, cfg.sparsity if cfg.method == "unstructured" else cfg.ratio, example,
+                            cfg.round_to or None)
     if cfg.prune_epochs:
         finetune_pruned(model, mask, train, val, cfg.fit("p", seed), desc="P fine-tune")
     return model, mask

@@ -93,8 +93,10 @@ def _attention_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def prune_structured(model: nn.Module, ratio: float, example_inputs: torch.Tensor) -> nn.Module:
-    """A copy of `model` with `ratio` of the channels of every layer group removed (L2 group magnitude).
+def prune_structured(model: nn.Module, ratio: float, example_inputs: torch.Tensor, round_to: int | None = None
+                     ) -> nn.Module:
+    """A copy of `model` with `ratio` of the channels of every layer group removed (L2 group magnitude);
+    with `round_to`, each group keeps a multiple of that many channels (Torch-Pruning's `round_to`).
 
     The final classifier keeps its outputs and attention layers keep their heads (see
     `_attention_layers`); Torch-Pruning keeps coupled layers (residual adds, BN after conv,
@@ -107,7 +109,8 @@ def prune_structured(model: nn.Module, ratio: float, example_inputs: torch.Tenso
         before = model(example_inputs).shape
     ignored = _classifier(model, example_inputs) + _attention_layers(model)
     pruner = tp.MetaPruner(model, example_inputs, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                           pruning_ratio=ratio, global_pruning=False, ignored_layers=ignored)
+                           pruning_ratio=ratio, global_pruning=False, ignored_layers=ignored,
+                           **({"round_to": round_to} if round_to else {}))
     pruner.step()
     try:
         with torch.no_grad():
@@ -229,19 +232,19 @@ def model_stats(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int
             "macs": count_macs(model, example_inputs)}
 
 
-def prune(model: nn.Module, method: str, amount: float, example_inputs: torch.Tensor
+def prune(model: nn.Module, method: str, amount: float, example_inputs: torch.Tensor, round_to: int | None = None
           ) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
     """The P step: a pruned copy of `model` and its masks (None for structured: the zeros are gone).
 
     `method` "unstructured": global magnitude pruning to `amount` zeros; "structured": Torch-Pruning
-    removes `amount` of each layer's channels.
+    removes `amount` of each layer's channels (each group keeping a multiple of `round_to`, when given).
     """
     model = copy.deepcopy(model).requires_grad_(True)  # a teacher used for KD comes frozen; frozen layers are not pruned
     if method == "unstructured":
         model = prune_unstructured(model, amount)
         return model, masks(model)
     if method == "structured":
-        return prune_structured(model, amount, example_inputs), None
+        return prune_structured(model, amount, example_inputs, round_to), None
     raise ValueError(f"unknown pruning method {method!r}; use 'unstructured' or 'structured'")
 
 

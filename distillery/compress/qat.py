@@ -37,7 +37,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from distillery.core.artifacts import atomic_path
 from distillery.core.errors import DistilleryError
-from distillery.onnx_export import check_batches, export_program, quiet_export
+from distillery.onnx_export import check_batches, export_program, pool_as_global_average, quiet_export
 from distillery.training import FitConfig, fit
 
 W_QMIN, W_QMAX = -127, 127  # symmetric INT8 weights: zero point 0, -128 unused
@@ -596,6 +596,7 @@ def export_int8_onnx(qat_model: fx.GraphModule, example_inputs: torch.Tensor, pa
         with quiet_export():
             program.optimize()
         program.save(str(tmp))
+        pool_as_global_average(tmp)  # ORT then runs the pooling as one INT8 kernel, not DQ + FP32 ReduceMean + Q
         onnx.checker.check_model(str(tmp))
         if len(int8_initializers(tmp)) != n_weights:
             raise RuntimeError(f"{path}: {len(int8_initializers(tmp))} INT8 weight initialisers for {n_weights} "

@@ -174,6 +174,8 @@ class PruneConfig(Section):
     method: Literal["unstructured", "structured"] = Field(description="unstructured (the paper: zeros, no speed-up alone) | structured (channels removed)")
     sparsity: float = Field(ge=0, lt=1, description="unstructured: share of conv/linear weights set to zero")
     ratio: float = Field(ge=0, lt=1, description="structured: share of channels removed per layer")
+    round_to: int = Field(ge=0, le=512, description="structured: each layer keeps a multiple of this many channels "
+                                                    "(0 = any count)")
     finetune_epochs: int = Field(ge=0, le=1000, description="fine-tune epochs after pruning, masks held fixed")
     lr: float = Field(gt=0, le=10, description="peak learning rate (one-cycle cosine schedule)")
     batch_size: int = Field(ge=1, le=4096, description="training batch size")

@@ -71,7 +71,9 @@ def user_project(tmp_path_factory):
     params["prune"].update(finetune_epochs=2)
     params["quantize"].update(epochs=2, freeze_observers_epoch=1)
     params["distill"].update(epochs=2)
-    params["benchmark"].update(warmup=5, runs=50, threads=[1])
+    params["benchmark"].update(warmup=5, runs=50, threads=[1], batch_runs=3, profile_runs=5)
+    params["counterpart"]["enabled"] = False  # test_pipeline builds the counterpart; here the user's model matters
+    params["baselines"]["peers"] = {"ort_u8s8": True, "ort_s8s8": False, "nncf": True, "olive": False}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     init_git_dvc(root)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
@@ -102,6 +104,8 @@ def test_the_int8_student_stays_close_and_the_report_says_so(user_project):
     assert student >= plain - 0.05, (student, plain)
     report = (root / "reports/pqd.md").read_text()
     assert "distilled" in report
+    # the peers quantized the user's own network too, and are timed beside the student
+    assert {"ort_u8s8", "nncf"} <= set(evaluate) and "| ort_s8s8 " in report and "off (baselines.peers)" in report
 
 
 def test_lineage_names_the_users_files_and_editing_the_model_file_reruns_from_train(user_project):

@@ -69,6 +69,15 @@ def test_structured_pruning_removes_channels(arch):
     assert pruning.count_params(model) == pruning.count_params(build_model(SPECS[arch]))  # input untouched
 
 
+def test_structured_pruning_can_keep_channel_counts_in_multiples_of_a_block():
+    model = build_model({**SPECS["resnet18"], "width": 0.75}).eval()  # 48-96-192-384 channels
+    convs = lambda m: [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)]  # noqa: E731
+    plain, blocked = pruning.prune_structured(model, 0.5, X), pruning.prune_structured(model, 0.5, X, round_to=16)
+    assert any(c % 16 for c in convs(plain)), convs(plain)  # half of a width-scaled net is not a multiple of 16
+    assert all(c % 16 == 0 for c in convs(blocked)), convs(blocked)
+    assert blocked(X).shape == (2, 10)
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "wrn28_10"])
 def test_pruned_checkpoint_round_trips_with_weights_only(arch):
     pruned = pruning.prune_structured(build_model(SPECS[arch]).eval(), 0.5, X)

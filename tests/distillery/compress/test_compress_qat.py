@@ -226,6 +226,8 @@ def test_every_conv_becomes_qlinearconv(arch, tmp_path):
     assert ops["QLinearConv"] == n_convs and ops["Conv"] == 0
     if arch == "resnet18":
         assert ops["QLinearAdd"] == 8 and ops["Add"] == 0
+        # its mean pooling exports as ReduceMean; rewritten as GlobalAveragePool it runs as one INT8 kernel
+        assert ops["QLinearGlobalAveragePool"] == 1 and ops["ReduceMean"] == 0
     with torch.no_grad():
         deployed = qat.to_deploy(q)(x).numpy()
     np.testing.assert_allclose(run_onnx(path, x.numpy()), deployed, atol=0.05)

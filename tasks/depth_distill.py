@@ -7,6 +7,10 @@ train at the same time in worker processes (`depth_distill.workers`, 0 = all cor
 saved to its own file, `models/ppcl/students/<u>_<v>.pt`. The ablation's students (CKA-threshold
 intervals, trained sequentially: each fed by the model with the earlier students in place) go to
 `models/ppcl/sequential/<u>_<v>.pt`.
+
+With DISTILLERY_DASK_ADDRESS set (the ablation flow's variable: a Dask scheduler whose workers share this
+project's filesystem and have it on PYTHONPATH) and a CPU device, the jobs run on that cluster's workers instead
+of local processes; a worker lost mid-job fails the stage (naming the intervals) before any student is saved.
 """
 from __future__ import annotations
 
@@ -16,18 +20,29 @@ import time
 
 from distillery.core.artifacts import write_json
 from distillery.core.params import load_section
-from distillery.core.errors import run_stage
+from distillery.core.errors import DistilleryError, run_stage
 from distillery.ppcl.source import load_inputs_file, load_teacher
-from distillery.ppcl.students import interval_name, jobs, run_jobs, save_student
+from distillery.ppcl.students import (WorkerLostError, interval_name, jobs, payload_bytes, run_jobs,
+                                      save_student)
 from tasks.paths import INTERVALS, PPCL_INPUTS as INPUTS, PPCL_TEACHER as TEACHER, SEQUENTIAL, STUDENTS, metrics
 
 METRICS = metrics("ppcl_depth_distill")
+DASK_ENV = "DISTILLERY_DASK_ADDRESS"
 
 
 def reset(folder) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for f in folder.glob("*.pt"):
         f.unlink()
+
+
+def dask_client(address: str):
+    from distributed import Client
+    try:
+        return Client(address, set_as_default=False, timeout=60)
+    except OSError as err:
+        raise DistilleryError(f"{DASK_ENV}={address}: no Dask scheduler answered ({err}); start one or unset "
+                              f"{DASK_ENV} to train in local processes") from err
 
 
 def main() -> None:
@@ -49,12 +64,27 @@ def main() -> None:
     with tracking.stage_run("depth_distill", cfg.model_dump()):
         data = calibration.take(slice(0, cfg.data_size)).to(device)
         tr = trace(teacher.to(device), adapter, data)
+        all_jobs = jobs(TEACHER, tr, students, sequential, dcfg, root=os.getcwd())
+        print(f"depth_distill: {len(all_jobs)} jobs carry {sum(map(payload_bytes, all_jobs)) / 2**20:.1f} MiB "
+              f"of hidden states")
+        address = os.environ.get(DASK_ENV) if device.type == "cpu" else None
+        client = dask_client(address) if address else None
+        executor = f"dask {address}" if client else "local"
         t0 = time.perf_counter()
-        results = run_jobs(jobs(TEACHER, tr, students, sequential, dcfg), workers)
+        try:
+            if client:
+                workers = len(client.nthreads())  # worker processes
+            try:
+                results = run_jobs(all_jobs, workers, client.get_executor(pure=False) if client else None)
+            except WorkerLostError as err:
+                raise WorkerLostError(f"{err} (dvc repro depth_distill)") from err.__cause__
+        finally:
+            if client:
+                client.close()
         seconds = time.perf_counter() - t0
         reset(STUDENTS)
         reset(SEQUENTIAL)
-        record = {"seconds": seconds, "workers": workers, "independent": {}, "sequential": {}}
+        record = {"seconds": seconds, "workers": workers, "executor": executor, "independent": {}, "sequential": {}}
         for res in results:
             folder = STUDENTS if res["kind"] == "interval" else SEQUENTIAL
             kind = "independent" if res["kind"] == "interval" else "sequential"
@@ -71,7 +101,8 @@ def main() -> None:
         for k in ("independent", "sequential"):
             for iv, r in record[k].items():
                 print(f"depth_distill: {k:<11} {iv:>6}: loss {r['loss_initial']:.4f} -> {r['loss_final']:.4f}")
-        print(f"depth_distill: {len(results)} jobs on {workers} workers in {seconds:.0f} s -> {STUDENTS}, {SEQUENTIAL}")
+        print(f"depth_distill: {len(results)} jobs on {workers} workers ({executor}) in {seconds:.0f} s -> "
+              f"{STUDENTS}, {SEQUENTIAL}")
 
 
 if __name__ == "__main__":

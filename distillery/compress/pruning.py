@@ -96,7 +96,9 @@ def _attention_layers(model: nn.Module) -> list[nn.Module]:
 def prune_structured(model: nn.Module, ratio: float, example_inputs: torch.Tensor, round_to: int | None = None
                      ) -> nn.Module:
     """A copy of `model` with `ratio` of the channels of every layer group removed (L2 group magnitude);
-    with `round_to`, each group keeps a multiple of that many channels (Torch-Pruning's `round_to`).
+    with `round_to`, each group keeps a multiple of that many channels (Torch-Pruning's `round_to`). Where
+    rounding would leave every layer whole (layers narrower than about twice `round_to`), it prunes
+    without rounding and says so.
 
     The final classifier keeps its outputs and attention layers keep their heads (see
     `_attention_layers`); Torch-Pruning keeps coupled layers (residual adds, BN after conv,
@@ -104,13 +106,22 @@ def prune_structured(model: nn.Module, ratio: float, example_inputs: torch.Tenso
     """
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    pruned = _remove_channels(model, ratio, example_inputs, round_to)
+    if round_to and round_to > 1 and ratio > 0 and count_params(pruned) == count_params(model):
+        print(f"prune: keeping multiples of {round_to} channels would remove none (the layers are too narrow); "
+              "pruned without rounding")
+        pruned = _remove_channels(model, ratio, example_inputs, None)
+    return pruned
+
+
+def _remove_channels(model: nn.Module, ratio: float, example_inputs: torch.Tensor, round_to: int | None) -> nn.Module:
     model = copy.deepcopy(model).eval()
     with torch.no_grad():
         before = model(example_inputs).shape
     ignored = _classifier(model, example_inputs) + _attention_layers(model)
     pruner = tp.MetaPruner(model, example_inputs, importance=tp.importance.GroupMagnitudeImportance(p=2),
                            pruning_ratio=ratio, global_pruning=False, ignored_layers=ignored,
-                           **({"round_to": round_to} if round_to else {}))
+                           **({"round_to": round_to} if round_to and round_to > 1 else {}))
     pruner.step()
     try:
         with torch.no_grad():

@@ -44,11 +44,17 @@ def read_source(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_teacher(folder: Path) -> tuple[nn.Module, dict]:
-    """The teacher `source.json` in `folder` names, loaded as its library loads it, and that record."""
+def load_teacher(folder: Path, root: Path | str | None = None) -> tuple[nn.Module, dict]:
+    """The teacher `source.json` in `folder` names, loaded as its library loads it, and that record.
+
+    A relative `path` in `source.json` is the project's (relative to the root the stage ran in): `root`, when
+    given, resolves it, for a process whose working directory is another (a Dask worker's)."""
     from distillery.ppcl.hf import load_pretrained
     info = read_source(folder)
-    return load_pretrained(info["path"], info.get("subfolder")), info
+    path = Path(info["path"])
+    if root is not None and not path.is_absolute():
+        path = Path(root) / path
+    return load_pretrained(path, info.get("subfolder")), info
 
 
 def save_inputs_file(path: Path, calibration: ModelInputs, heldout: ModelInputs, info: dict) -> None:

@@ -148,8 +148,17 @@ def test_a_pipeline_run_records_runs_metrics_and_registry_versions_on_the_mlflow
     for v in versions:
         assert v.tags["distillery.parent_run_id"] == parent.info.run_id and v.tags["dvc.md5"]
     champion = client.get_model_version_by_alias("distillery-pqd", "champion")
-    files = mlflow.artifacts.download_artifacts(f"models:/distillery-pqd/{champion.version}",
-                                                tracking_uri=team.mlflow.url, dst_path=str(project.parent / "dl"))
+    # a models:/ URI resolves through this process's global registry URI, which another test module may have
+    # pointed at a SQLite file: point both at the server for the download, then put them back
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(team.mlflow.url)
+    mlflow.set_registry_uri(team.mlflow.url)
+    try:
+        files = mlflow.artifacts.download_artifacts(f"models:/distillery-pqd/{champion.version}",
+                                                    dst_path=str(project.parent / "dl"))
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
     assert any(p.suffix == ".onnx" for p in Path(files).rglob("*"))  # the registered file comes back from the server
 
     with team.prefect_client() as prefect:  # the flow run landed on the Prefect server too

@@ -78,6 +78,14 @@ def test_structured_pruning_can_keep_channel_counts_in_multiples_of_a_block():
     assert blocked(X).shape == (2, 10)
 
 
+def test_rounding_that_would_keep_every_layer_whole_falls_back_to_plain_pruning(capsys):
+    model = build_model({"arch": "toy", "width": 0.5, "in_channels": 1}).eval()  # too narrow to keep 16s and prune
+    assert pruning.count_params(pruning._remove_channels(model, 0.5, X, 16)) == pruning.count_params(model)
+    pruned = pruning.prune_structured(model, 0.5, X, round_to=16)
+    assert pruning.count_params(pruned) < 0.5 * pruning.count_params(model)
+    assert "pruned without rounding" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "wrn28_10"])
 def test_pruned_checkpoint_round_trips_with_weights_only(arch):
     pruned = pruning.prune_structured(build_model(SPECS[arch]).eval(), 0.5, X)

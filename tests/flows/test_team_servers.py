@@ -69,7 +69,7 @@ class Team:
         return sh([str(BIN / "distillery"), *args], cwd, self.env, timeout)
 
     def mlflow_client(self) -> MlflowClient:
-        return MlflowClient(tracking_uri=self.mlflow.url)
+        return MlflowClient(tracking_uri=self.mlflow.url, registry_uri=self.mlflow.url)  # not the global one
 
     @contextlib.contextmanager
     def prefect_client(self):
@@ -123,7 +123,8 @@ def pipeline_runs(client: MlflowClient, filter_string: str = "") -> list:
 
 # --- 1. the MLflow tracking server ---------------------------------------------------------------------------
 
-def test_a_pipeline_run_records_runs_metrics_and_registry_versions_on_the_mlflow_server(team, project, first_run):
+def test_a_pipeline_run_records_runs_metrics_and_registry_versions_on_the_mlflow_server(team, project, first_run,
+                                                                                      monkeypatch):
     assert first_run == {"executed": PQD_ORDER, "reused": []}
     assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()  # all of it on the server
 
@@ -148,17 +149,16 @@ def test_a_pipeline_run_records_runs_metrics_and_registry_versions_on_the_mlflow
     for v in versions:
         assert v.tags["distillery.parent_run_id"] == parent.info.run_id and v.tags["dvc.md5"]
     champion = client.get_model_version_by_alias("distillery-pqd", "champion")
-    # a models:/ URI resolves through this process's global registry URI, which another test module may have
-    # pointed at a SQLite file: point both at the server for the download, then put them back
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(team.mlflow.url)
-    mlflow.set_registry_uri(team.mlflow.url)
-    try:
-        files = mlflow.artifacts.download_artifacts(f"models:/distillery-pqd/{champion.version}",
-                                                    dst_path=str(project.parent / "dl"))
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+    # a models:/ URI resolves through this process's global tracking and registry URIs, which another test module
+    # may have pointed at a SQLite file: point them at the server for this test only (monkeypatch restores them)
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", team.mlflow.url)
+    monkeypatch.setattr(registry_utils, "_registry_uri", team.mlflow.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team.mlflow.url)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", team.mlflow.url)
+    files = mlflow.artifacts.download_artifacts(f"models:/distillery-pqd/{champion.version}",
+                                                dst_path=str(project.parent / "dl"))
     assert any(p.suffix == ".onnx" for p in Path(files).rglob("*"))  # the registered file comes back from the server
 
     with team.prefect_client() as prefect:  # the flow run landed on the Prefect server too
